@@ -1,0 +1,182 @@
+"""The `egress-warden` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from proxy.config import RunConfig, parse_endpoint
+from proxy.decide import Verdict, decide
+from proxy.facts import RequestFacts, Transport
+from proxy.hosts import InvalidHost, canonicalize_host
+from proxy.policy.load import PolicyErrors, load_policies
+from proxy.policy.model import EffectivePolicy, Mode
+from proxy.resolve import parse_resolve_option
+
+DEFAULT_POLICY = Path("policies/default.yaml")
+EXIT_FOR_VERDICT = {Verdict.ALLOW: 0, Verdict.DENY: 1, Verdict.HOLD: 3}
+
+
+def _load(paths: Sequence[str]) -> EffectivePolicy:
+    files = [Path(p) for p in paths] or [DEFAULT_POLICY]
+    return load_policies(files)
+
+
+def _print_policy_errors(errors: PolicyErrors) -> None:
+    for error in errors.errors:
+        print(str(error), file=sys.stderr)
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            load_policies([Path(path)])
+        except PolicyErrors as errors:
+            _print_policy_errors(errors)
+            status = 2
+        else:
+            print(f"{path}: ok")
+    return status
+
+
+def facts_from_url(url: str, method: str, agent: str | None) -> RequestFacts:
+    """Facts for a dry run: what the proxy would see for `url`."""
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    raw_host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if scheme in ("https", "wss") else 80)
+    except ValueError:
+        port = 0
+    try:
+        host = canonicalize_host(raw_host)
+    except InvalidHost:
+        host = None
+    inspected = scheme in ("http", "ws")
+    return RequestFacts(
+        request_id="check",
+        raw_host=raw_host,
+        host=host,
+        port=port,
+        transport=Transport.HTTP if inspected else Transport.HTTPS_CONNECT,
+        method=method.upper(),
+        scheme=scheme,
+        path=(parts.path or "/") if inspected else None,
+        agent=agent,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        policy = _load(args.policy)
+    except PolicyErrors as errors:
+        _print_policy_errors(errors)
+        return 2
+    facts = facts_from_url(args.url, args.method, args.agent)
+    decision = decide(facts, policy)
+    print(f"decision: {decision.verdict.value}")
+    print(f"reason:   {decision.reason.value}")
+    print(
+        f"rule:     {decision.rule or '-'}" + (f" ({decision.source})" if decision.source else "")
+    )
+    if decision.detail:
+        print(f"detail:   {decision.detail}")
+    return EXIT_FOR_VERDICT[decision.verdict]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        policy = _load(args.policy)
+    except PolicyErrors as errors:
+        _print_policy_errors(errors)
+        print("egress-warden: refusing to start without a valid policy", file=sys.stderr)
+        return 2
+    try:
+        resolve = dict(parse_resolve_option(r) for r in args.resolve)
+        cfg = RunConfig(
+            policy_files=tuple(Path(p) for p in (args.policy or [str(DEFAULT_POLICY)])),
+            listen=parse_endpoint(args.listen),
+            control=parse_endpoint(args.control),
+            state_dir=Path(args.state_dir),
+            mode=Mode(args.mode) if args.mode else None,
+            resolve=resolve,
+        )
+    except ValueError as exc:
+        print(f"egress-warden: {exc}", file=sys.stderr)
+        return 2
+
+    from addons.runtime import StartupError, serve  # the mitmproxy edge, loaded only to run
+    from proxy.telemetry.hub import configure_logging, flush_logging
+
+    configure_logging()
+    try:
+        return asyncio.run(serve(cfg, policy))
+    except StartupError as exc:
+        print(f"egress-warden: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        flush_logging()
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    cert = (Path(args.state_dir) / "ca" / "mitmproxy-ca-cert.pem").resolve()
+    if args.what == "path":
+        print(cert)
+    else:
+        for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"):
+            print(f"export {var}={cert}")
+    if not cert.exists():
+        print(f"note: {cert} is created when the proxy first starts", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egress-warden", description="Egress-filtering forward proxy for AI coding agents."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the proxy and the control API")
+    run.add_argument("--policy", action="append", default=[], metavar="FILE")
+    run.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    run.add_argument("--control", default="127.0.0.1:8081", metavar="HOST:PORT")
+    run.add_argument("--state-dir", default=".state", metavar="DIR")
+    run.add_argument("--mode", choices=[m.value for m in Mode])
+    run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="dry run: how would URL be decided")
+    check.add_argument("url")
+    check.add_argument("--method", default="GET")
+    check.add_argument("--agent")
+    check.add_argument("--policy", action="append", default=[], metavar="FILE")
+    check.set_defaults(func=cmd_check)
+
+    policy = sub.add_parser("policy", help="policy file tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    validate = policy_sub.add_parser("validate", help="validate policy files")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_policy_validate)
+
+    ca = sub.add_parser("ca", help="the interception CA certificate")
+    ca.add_argument("what", choices=["path", "env"])
+    ca.add_argument("--state-dir", default=".state", metavar="DIR")
+    ca.set_defaults(func=cmd_ca)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Run configuration assembled by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.hosts import IPAddress
+from proxy.policy.model import Mode
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse `HOST:PORT` (`[v6]:PORT` for IPv6); port 0 means any free port."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return Endpoint(host.strip("[]"), int(port_text))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    policy_files: tuple[Path, ...]
+    listen: Endpoint
+    control: Endpoint
+    state_dir: Path
+    mode: Mode | None = None
+    resolve: dict[str, IPAddress] = field(default_factory=dict)
+    stream_large_bodies: str = "1m"

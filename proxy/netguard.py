@@ -1,0 +1,186 @@
+"""Address classification: which destination IPs may be dialled without an explicit exemption.
+
+Pure and fast: ranges are precomputed as integers and looked up with bisect, because this runs
+for every address a request resolves to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from proxy.hosts import IPAddress
+
+
+class AddressClass(StrEnum):
+    """Kind of destination address; everything but PUBLIC is blocked unless exempted."""
+
+    PUBLIC = "public"
+    LOOPBACK = "loopback"
+    PRIVATE = "private"
+    LINK_LOCAL = "link_local"
+    CGNAT = "cgnat"
+    ULA = "ula"
+    MULTICAST = "multicast"
+    UNSPECIFIED = "unspecified"
+    RESERVED = "reserved"
+    SELF = "self"  # one of the proxy's own listeners: dialling it would loop
+
+
+def _v4_range(cidr: str) -> tuple[int, int]:
+    network = ipaddress.IPv4Network(cidr)
+    return int(network.network_address), int(network.broadcast_address)
+
+
+# Disjoint IPv4 ranges, sorted by start (checked at import below).
+_V4_TABLE: tuple[tuple[str, AddressClass], ...] = (
+    ("0.0.0.0/8", AddressClass.UNSPECIFIED),  # "this network"; 0.0.0.0 reaches local listeners
+    ("10.0.0.0/8", AddressClass.PRIVATE),
+    ("100.64.0.0/10", AddressClass.CGNAT),
+    ("127.0.0.0/8", AddressClass.LOOPBACK),
+    ("169.254.0.0/16", AddressClass.LINK_LOCAL),  # includes cloud metadata 169.254.169.254
+    ("172.16.0.0/12", AddressClass.PRIVATE),
+    ("192.0.0.0/24", AddressClass.RESERVED),  # IETF protocol assignments
+    ("192.168.0.0/16", AddressClass.PRIVATE),
+    ("198.18.0.0/15", AddressClass.RESERVED),  # benchmarking
+    ("224.0.0.0/4", AddressClass.MULTICAST),
+    ("240.0.0.0/4", AddressClass.RESERVED),  # includes broadcast 255.255.255.255
+)
+_V4_RANGES = sorted((*_v4_range(cidr), cls) for cidr, cls in _V4_TABLE)
+_V4_STARTS: tuple[int, ...] = tuple(start for start, _, _ in _V4_RANGES)
+_V4_ENDS: tuple[int, ...] = tuple(end for _, end, _ in _V4_RANGES)
+_V4_CLASSES: tuple[AddressClass, ...] = tuple(cls for _, _, cls in _V4_RANGES)
+assert all(_V4_ENDS[i] < _V4_STARTS[i + 1] for i in range(len(_V4_STARTS) - 1))
+
+_MASK32 = 0xFFFFFFFF
+_V6_LOOPBACK = 1
+_V6_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, value of bits 0-95
+_V6_NAT64_PREFIX = 0x0064_FF9B_0000_0000_0000_0000  # 64:ff9b::/96, bits 0-95
+_V6_NAT64_LOCAL_PREFIX = 0x0064_FF9B_0001  # 64:ff9b:1::/48, bits 0-47
+_V6_6TO4_PREFIX = 0x2002  # 2002::/16
+_V6_TEREDO_PREFIX = 0x2001_0000  # 2001::/32
+_V6_DISCARD_PREFIX = 0x0100_0000_0000_0000  # 100::/64, bits 0-63
+_V6_LINK_LOCAL_PREFIX = 0xFE80 >> 6  # fe80::/10, bits 0-9
+_V6_SITE_LOCAL_PREFIX = 0xFEC0 >> 6  # fec0::/10, bits 0-9
+_V6_ULA_PREFIX = 0xFC >> 1  # fc00::/7, bits 0-6
+_V6_MULTICAST_PREFIX = 0xFF  # ff00::/8, bits 0-7
+
+
+def _classify_v4(value: int) -> AddressClass:
+    index = bisect_right(_V4_STARTS, value) - 1
+    if index >= 0 and value <= _V4_ENDS[index]:
+        return _V4_CLASSES[index]
+    return AddressClass.PUBLIC
+
+
+def _embedded_v4_int(value: int) -> int | None:
+    """The IPv4 address (as an int) an IPv6 address carries inside, if any."""
+    high96 = value >> 32
+    if high96 in (_V6_MAPPED_PREFIX, _V6_NAT64_PREFIX):
+        return value & _MASK32
+    if high96 == 0:
+        # IPv4-compatible ::a.b.c.d; :: and ::1 are the unspecified and loopback addresses.
+        return value if value > _V6_LOOPBACK else None
+    if value >> 80 == _V6_NAT64_LOCAL_PREFIX:
+        return value & _MASK32  # the /96 layout, by far the common use of this prefix
+    if value >> 112 == _V6_6TO4_PREFIX:
+        return (value >> 80) & _MASK32
+    if value >> 96 == _V6_TEREDO_PREFIX:
+        return ~value & _MASK32  # the client address is stored inverted in the last 32 bits
+    return None
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, NAT64, 6to4 or Teredo address."""
+    embedded = _embedded_v4_int(int(ip))
+    return None if embedded is None else ipaddress.IPv4Address(embedded)
+
+
+def _classify_v6(value: int) -> AddressClass:
+    if value == 0:
+        return AddressClass.UNSPECIFIED
+    if value == _V6_LOOPBACK:
+        return AddressClass.LOOPBACK
+    if value >> 120 == _V6_MULTICAST_PREFIX:
+        return AddressClass.MULTICAST
+    if value >> 121 == _V6_ULA_PREFIX:
+        return AddressClass.ULA
+    top10 = value >> 118
+    if top10 == _V6_LINK_LOCAL_PREFIX:
+        return AddressClass.LINK_LOCAL
+    if top10 == _V6_SITE_LOCAL_PREFIX:
+        return AddressClass.RESERVED
+    if value >> 64 == _V6_DISCARD_PREFIX:
+        return AddressClass.RESERVED
+    embedded = _embedded_v4_int(value)
+    if embedded is not None:
+        # A translator or tunnel would deliver to the IPv4 inside: block what it would block.
+        inner = _classify_v4(embedded)
+        if inner is not AddressClass.PUBLIC:
+            return inner
+        if value >> 96 == _V6_TEREDO_PREFIX:
+            # Teredo packets go via the server in bits 32-63; a non-public one is not real
+            # Teredo, so treat it as suspect too.
+            return _classify_v4((value >> 64) & _MASK32)
+    return AddressClass.PUBLIC
+
+
+def classify(ip: IPAddress) -> AddressClass:
+    """Class of `ip`; PUBLIC means "may be dialled without an explicit exemption"."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _classify_v4(int(ip))
+    return _classify_v6(int(ip))
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """An address the proxy itself listens on."""
+
+    host: IPAddress
+    port: int
+
+
+def _unmap(ip: IPAddress) -> IPAddress:
+    """::ffff:a.b.c.d is the same socket destination as a.b.c.d."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class NetGuard:
+    """Classifies (ip, port) destinations, recognising the proxy's own listeners as SELF."""
+
+    def __init__(
+        self, own_listeners: Iterable[Listener], local_addresses: Iterable[IPAddress] = ()
+    ) -> None:
+        exact: set[tuple[IPAddress, int]] = set()
+        wildcard_ports: set[int] = set()
+        for listener in own_listeners:
+            host = _unmap(listener.host)
+            if host.is_unspecified:
+                # 0.0.0.0 / :: accept on every local address; a dual-stack :: socket takes
+                # IPv4 too, so do not split by family (over-matching only turns a block
+                # into a clearer one).
+                wildcard_ports.add(listener.port)
+            else:
+                exact.add((host, listener.port))
+        self._exact = frozenset(exact)
+        self._wildcard_ports = frozenset(wildcard_ports)
+        self._local = frozenset(_unmap(address) for address in local_addresses)
+
+    def _is_self(self, ip: IPAddress, port: int) -> bool:
+        if (ip, port) in self._exact:
+            return True
+        if port in self._wildcard_ports:
+            # Dialling 0.0.0.0 or :: connects to the local host on Linux.
+            return ip.is_loopback or ip.is_unspecified or ip in self._local
+        return False
+
+    def classify(self, ip: IPAddress, port: int) -> AddressClass:
+        """SELF if (ip, port) reaches one of the proxy's own listeners, else classify(ip)."""
+        if (self._exact or self._wildcard_ports) and self._is_self(_unmap(ip), port):
+            return AddressClass.SELF
+        return classify(ip)

@@ -1,0 +1,260 @@
+"""Policy data: the pydantic schema of one policy file and the compiled effective policy."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    from proxy.hosts import Host
+    from proxy.policy.match import ParsedPattern, RuleSet
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    AUDIT = "audit"  # allow everything, record what would have been denied
+
+
+class DefaultAction(StrEnum):
+    """What happens to a destination no rule matches. Ordered deny < ask < allow."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    ASK = "ask"
+
+    @property
+    def looseness(self) -> int:
+        """0 for deny, 1 for ask, 2 for allow: compare to cap a default."""
+        return _LOOSENESS[self]
+
+
+_LOOSENESS = {DefaultAction.DENY: 0, DefaultAction.ASK: 1, DefaultAction.ALLOW: 2}
+
+
+def min_default(*defaults: DefaultAction) -> DefaultAction:
+    """The tightest of `defaults` (deny < ask < allow)."""
+    return min(defaults, key=lambda d: d.looseness)
+
+
+class Scope(StrEnum):
+    ONCE = "once"
+    SESSION = "session"
+    ALWAYS = "always"
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allow/deny entry as written, with where it came from."""
+
+    pattern: str  # as written in the file
+    action: Action
+    source: str  # "file:line", or a grant id for runtime grants
+    port: int | None = None  # the pattern's port, if it names one
+
+
+@dataclass(frozen=True)
+class ApprovalSettings:
+    wait: float = 30.0  # seconds a request is held before answering 403 approval_pending
+    pending_ttl: float = 3600.0  # seconds an unanswered pending item lives
+    scopes: frozenset[Scope] = frozenset(Scope)
+
+
+@dataclass(frozen=True)
+class InspectRule:
+    """TLS interception with method/path checks for one host pattern."""
+
+    host: str  # canonical host pattern
+    methods: frozenset[str] | None  # upper-case; None = every method
+    deny_paths: tuple[str, ...]  # glob patterns on the URL path
+    source: str
+
+
+@dataclass(frozen=True)
+class AgentPolicy:
+    """Per-agent overrides: extra rules, and optionally its own default."""
+
+    default: DefaultAction | None
+    allow: RuleSet
+    deny: RuleSet
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """The merged, compiled policy in force."""
+
+    mode: Mode
+    default: DefaultAction
+    allow: RuleSet
+    deny: RuleSet
+    ports: frozenset[int]
+    block_private: bool
+    approval: ApprovalSettings
+    inspect: tuple[InspectRule, ...]
+    agents: Mapping[str, AgentPolicy]
+    files: tuple[str, ...]
+    _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
+    _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from proxy.policy.match import RuleSet  # model is imported by match: avoid the cycle
+
+        object.__setattr__(self, "agents", MappingProxyType(dict(self.agents)))
+        by_source = {f"{i}:{r.source}": r for i, r in enumerate(self.inspect)}
+        index = RuleSet.build(
+            Rule(pattern=r.host, action=Action.ALLOW, source=key) for key, r in by_source.items()
+        )
+        object.__setattr__(self, "_inspect_index", index)
+        object.__setattr__(self, "_inspect_by_source", MappingProxyType(by_source))
+
+    def default_for(self, agent: str | None) -> DefaultAction:
+        """The default for `agent`: its own if it sets one, else the policy's."""
+        if agent is not None:
+            agent_policy = self.agents.get(agent)
+            if agent_policy is not None and agent_policy.default is not None:
+                return agent_policy.default
+        return self.default
+
+    def inspect_rule(self, host: Host, port: int) -> InspectRule | None:
+        """The most specific `inspect` entry covering `host`, if any."""
+        rule = self._inspect_index.match(host, port)
+        return None if rule is None else self._inspect_by_source[rule.source]
+
+
+# --- schema of one policy file -------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_METHOD = re.compile(r"[A-Z]+")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `500ms`, `30s`, `5m`, `1h`, `1d` or a plain non-negative number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 5m, 1h or 1d")
+    raise ValueError("expected a duration like 30s, 5m or 1h")
+
+
+def _normalise_method(value: object) -> object:
+    if isinstance(value, str):
+        upper = value.upper()
+        if not _METHOD.fullmatch(upper):
+            raise ValueError(f"invalid HTTP method {value!r}")
+        return upper
+    return value
+
+
+def _check_path(value: object) -> object:
+    if isinstance(value, str) and not value.startswith("/"):
+        raise ValueError(f"path pattern {value!r} must start with '/'")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Method = Annotated[StrictStr, BeforeValidator(_normalise_method)]
+PathPattern = Annotated[StrictStr, BeforeValidator(_check_path)]
+
+
+class _Section(BaseModel):
+    """Strict base: unknown keys are errors; an empty YAML value (`key:`) means 'not set'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class NetworkSection(_Section):
+    ports: list[Port] = Field(default_factory=lambda: [80, 443], min_length=1)
+    block_private: StrictBool = True
+
+
+class ApprovalSection(_Section):
+    wait: Duration = 30.0
+    pending_ttl: Duration = 3600.0
+    scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)
+
+
+class InspectSection(_Section):
+    host: StrictStr
+    methods: list[Method] | None = None
+    deny_paths: list[PathPattern] = Field(default_factory=list)
+
+
+class AgentSection(_Section):
+    default: DefaultAction | None = None
+    allow: list[StrictStr] = Field(default_factory=list)
+    deny: list[StrictStr] = Field(default_factory=list)
+
+
+class PolicyFile(_Section):
+    """One policy file as written (SPEC section 3)."""
+
+    version: Literal[1]
+    mode: Mode = Mode.ENFORCE
+    default: DefaultAction = DefaultAction.ASK
+    allow: list[StrictStr] = Field(default_factory=list)
+    deny: list[StrictStr] = Field(default_factory=list)
+    network: NetworkSection = Field(default_factory=NetworkSection)
+    approval: ApprovalSection = Field(default_factory=ApprovalSection)
+    inspect: list[InspectSection] = Field(default_factory=list)
+    agents: dict[StrictStr, AgentSection] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentRules:
+    """One file's rules for one agent, with source lines."""
+
+    default: DefaultAction | None
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class PolicyDocument:
+    """One validated policy file: the schema model plus rules carrying `file:line` sources.
+
+    What the file actually set (for merging) is `spec.model_fields_set` and the sections' own.
+    """
+
+    file: str
+    spec: PolicyFile
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+    inspect: tuple[InspectRule, ...]
+    agents: Mapping[str, AgentRules]
+    # pattern as written -> parsed form, so compiling does not parse every rule twice
+    patterns: Mapping[str, ParsedPattern] = field(default_factory=dict, repr=False, compare=False)

@@ -1,0 +1,119 @@
+"""The telemetry hub: receives each event once and hands it to every sink."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol, TextIO
+
+import structlog
+
+from proxy.telemetry.events import Attributes, DecisionEvent, PolicyEvent
+
+Event = DecisionEvent | PolicyEvent
+
+
+class Sink(Protocol):
+    def emit(self, name: str, severity: str, attributes: Attributes) -> None: ...
+
+
+def severity_of(event: Event) -> str:
+    """SPEC 6: allow INFO, hold WARN, deny WARN; policy rejections ERROR."""
+    if isinstance(event, DecisionEvent):
+        return "info" if event.decision.allowed else "warning"
+    return (
+        "error" if event.state == "rejected" else "warning" if event.state == "warning" else "info"
+    )
+
+
+class _BackgroundWriter:
+    """Writes lines to a stream from a thread, so a slow reader never blocks the event loop."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="egress-log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (line := self._queue.get()) is not None:
+            try:
+                self._stream.write(line + "\n")
+                if self._queue.empty():
+                    self._stream.flush()
+            except (OSError, ValueError):
+                return
+
+    def msg(self, message: str) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=2)
+
+
+class _WriterLogger:
+    def __init__(self, writer: _BackgroundWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.msg(message)
+
+    log = debug = info = warning = warn = error = critical = msg
+
+
+_writer: _BackgroundWriter | None = None
+
+
+def configure_logging(stream: TextIO | None = None) -> None:
+    """JSON lines on stderr (SPEC 2), written off the event loop."""
+    global _writer
+    if _writer is None:
+        _writer = _BackgroundWriter(stream or sys.stderr)
+    writer = _writer
+
+    def factory(*_args: Any) -> _WriterLogger:
+        return _WriterLogger(writer)
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )
+
+
+def flush_logging() -> None:
+    """Drain the log writer (at shutdown)."""
+    global _writer
+    if _writer is not None:
+        _writer.close()
+        _writer = None
+
+
+class StructlogSink:
+    """One JSON line per event, the event name as the message."""
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("egress-warden")
+
+    def emit(self, name: str, severity: str, attributes: Attributes) -> None:
+        getattr(self._log, severity)(name, **attributes)
+
+
+class Telemetry:
+    """Fan-out of events to sinks; each event is built once and emitted once."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self._sinks = tuple(sinks)
+
+    def emit(self, event: Event) -> None:
+        severity = severity_of(event)
+        attributes = event.attributes()
+        for sink in self._sinks:
+            sink.emit(event.name, severity, attributes)
