@@ -126,7 +126,7 @@ def _decide_enforced(
     deny_sets.extend(g.deny for g in grants)
     rule = _first_match(deny_sets, facts)
     if rule is None and address is not None:
-        rule = _first_address_match(deny_sets, address)
+        rule = _first_address_match(deny_sets, address, facts.port)
     if rule is not None:
         return _rule_decision(
             Verdict.DENY, Reason.DENY_RULE, rule, f"denied by rule {rule.pattern!r}"
@@ -154,7 +154,7 @@ def _decide_enforced(
                 detail=f"{ip} is the proxy itself",
             )
         if klass is not AddressClass.PUBLIC and policy.block_private:
-            exempt = _first_address_match(allow_sets, ip)
+            exempt = _first_address_match(allow_sets, ip, facts.port)
             if exempt is None:
                 return Decision(
                     Verdict.DENY,
@@ -181,9 +181,9 @@ def _decide_enforced(
     return Decision(Verdict.HOLD, Reason.DEFAULT_ASK, detail="no rule matched; approval needed")
 
 
-def _first_address_match(rulesets: Sequence[RuleSet], ip: IPAddress) -> Rule | None:
+def _first_address_match(rulesets: Sequence[RuleSet], ip: IPAddress, port: int) -> Rule | None:
     for ruleset in rulesets:
-        rule = ruleset.match_address(ip)
+        rule = ruleset.match_address(ip, port)
         if rule is not None:
             return rule
     return None

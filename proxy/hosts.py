@@ -208,6 +208,8 @@ def canonicalize_host(raw: str) -> Host:
     else:
         # IPv6 literals are ASCII only; a mapped colon or bracket fails the name rules below.
         text = _idn_to_ascii(raw)
+        if not text:
+            raise InvalidHost("empty host")  # everything mapped away (e.g. soft hyphens)
     if text[-1] == ".":
         text = text[:-1]  # one trailing dot names the same (fully qualified) host
         if not text or text[-1] == ".":

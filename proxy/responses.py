@@ -93,7 +93,6 @@ def render_refusal(
     if pending_id:
         lines.append(f"  pending id:  {pending_id}")
     lines.append(f"  request id:  {facts.request_id}")
-    lines.append("")
     body = "\n".join(lines) + "\n"
     if decision.reason not in (Reason.DNS_FAILURE, Reason.INVALID_HOST, Reason.INVALID_REQUEST):
         body += "\n" + _HOW_TO_ASK

@@ -44,7 +44,7 @@ def ipv4_spelling(draw: st.DrawFn, address: ipaddress.IPv4Address) -> str:
 
 
 # Hosts in many shapes, valid and invalid, for the idempotence property.
-_HOST_ALPHABET = "abcxyzAZ0179._-:[]%üßÄΣ\uff11\uff0e。 \x00\tİ"
+_HOST_ALPHABET = "abcxyzAZ0179._-:[]%üßÄΣ\uff11\uff0e。 \x00\tİ\u00ad"
 any_host = st.one_of(
     domains(),
     st.ip_addresses().map(str),
@@ -218,6 +218,7 @@ def test_full_width_digits_spell_the_ip_they_look_like() -> None:
         "xn--bcher-kva-.example",
         "💩.example",
         "a\u200db.example",  # ZWJ outside its allowed context
+        "\u00ad",  # a soft hyphen maps to nothing: empty host
     ],
 )
 def test_malformed_hosts_are_rejected(raw: str) -> None:
@@ -328,3 +329,13 @@ def test_ipv4_parser_rejects_what_glibc_would_accept_only_as_garbage() -> None:
     assert parse_ipv4_literal("127.0.0.1\n") is None
     assert parse_ipv4_literal("+1") is None
     assert parse_ipv4_literal(" 1") is None
+
+
+@given(st.one_of(st.text(max_size=40), any_host))
+def test_arbitrary_text_either_canonicalises_or_raises_invalid_host(raw: str) -> None:
+    try:
+        host = canonicalize_host(raw)
+    except InvalidHost:
+        return
+    assert host.name.isascii()
+    assert host.name == host.name.lower()
