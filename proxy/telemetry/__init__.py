@@ -1,6 +1,19 @@
 """Telemetry: decision and lifecycle events, fanned out to structlog (and later OpenTelemetry)."""
 
-from proxy.telemetry.events import DecisionEvent, PolicyEvent
-from proxy.telemetry.hub import Telemetry
+from proxy.telemetry.events import (
+    ApprovalEvent,
+    ConnectionCloseEvent,
+    DecisionEvent,
+    PolicyEvent,
+)
+from proxy.telemetry.hub import Event, Sink, Telemetry
 
-__all__ = ["DecisionEvent", "PolicyEvent", "Telemetry"]
+__all__ = [
+    "ApprovalEvent",
+    "ConnectionCloseEvent",
+    "DecisionEvent",
+    "Event",
+    "PolicyEvent",
+    "Sink",
+    "Telemetry",
+]

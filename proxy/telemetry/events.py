@@ -71,3 +71,80 @@ class PolicyEvent:
             attrs["error.message"] = self.error
         attrs.update(self.extra)
         return attrs
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEvent:
+    """`egress.approval`: a pending item was requested, approved, denied or expired."""
+
+    state: str  # requested | approved | denied | expired
+    pending_id: str
+    host: str
+    port: int
+    agent: str | None = None
+    session: str | None = None
+    scope: str | None = None
+    grant_for: str | None = None
+    reviewer: str | None = None  # human | auto | webhook
+    approver: str | None = None
+    wait_ms: int | None = None
+    note: str | None = None
+    request_id: str | None = None
+    traceparent: str | None = None
+
+    name = "egress.approval"
+
+    def attributes(self) -> Attributes:
+        attrs: Attributes = {
+            "egress.approval.state": self.state,
+            "egress.approval.id": self.pending_id,
+            "server.address": self.host,
+            "server.port": self.port,
+        }
+        optional: Attributes = {
+            "egress.agent.id": self.agent,
+            "session.id": self.session,
+            "egress.approval.scope": self.scope,
+            "egress.approval.for": self.grant_for,
+            "egress.approval.reviewer": self.reviewer,
+            "egress.approval.approver": self.approver,
+            "egress.approval.wait_ms": self.wait_ms,
+            "egress.approval.note": self.note or None,
+            "egress.request_id": self.request_id,
+        }
+        attrs.update({k: v for k, v in optional.items() if v is not None})
+        return attrs
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCloseEvent:
+    """`egress.connection.close`: an admitted connection ended."""
+
+    request_id: str
+    host: str
+    port: int
+    bytes_sent: int  # client -> upstream
+    bytes_received: int  # upstream -> client
+    duration_ms: int
+    transport: str
+    agent: str | None = None
+    session: str | None = None
+    traceparent: str | None = None
+
+    name = "egress.connection.close"
+
+    def attributes(self) -> Attributes:
+        attrs: Attributes = {
+            "egress.request_id": self.request_id,
+            "server.address": self.host,
+            "server.port": self.port,
+            "egress.bytes.sent": self.bytes_sent,
+            "egress.bytes.received": self.bytes_received,
+            "egress.duration_ms": self.duration_ms,
+            "network.transport.protocol": self.transport,
+        }
+        if self.agent is not None:
+            attrs["egress.agent.id"] = self.agent
+        if self.session is not None:
+            attrs["session.id"] = self.session
+        return attrs

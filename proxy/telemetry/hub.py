@@ -10,22 +10,34 @@ from typing import Any, Protocol, TextIO
 
 import structlog
 
-from proxy.telemetry.events import Attributes, DecisionEvent, PolicyEvent
+from proxy.telemetry.events import (
+    ApprovalEvent,
+    Attributes,
+    ConnectionCloseEvent,
+    DecisionEvent,
+    PolicyEvent,
+)
 
-Event = DecisionEvent | PolicyEvent
+Event = DecisionEvent | PolicyEvent | ApprovalEvent | ConnectionCloseEvent
 
 
 class Sink(Protocol):
-    def emit(self, name: str, severity: str, attributes: Attributes) -> None: ...
+    """Receives every event once, with its severity and SPEC attributes already computed."""
+
+    def emit(self, event: Event, severity: str, attributes: Attributes) -> None: ...
 
 
 def severity_of(event: Event) -> str:
-    """SPEC 6: allow INFO, hold WARN, deny WARN; policy rejections ERROR."""
-    if isinstance(event, DecisionEvent):
-        return "info" if event.decision.allowed else "warning"
-    return (
-        "error" if event.state == "rejected" else "warning" if event.state == "warning" else "info"
-    )
+    """SPEC 6: allow INFO, hold and deny WARN; approvals INFO, denied/expired WARN."""
+    match event:
+        case DecisionEvent():
+            return "info" if event.decision.allowed else "warning"
+        case PolicyEvent():
+            return {"rejected": "error", "warning": "warning"}.get(event.state, "info")
+        case ApprovalEvent():
+            return "warning" if event.state in ("denied", "expired") else "info"
+        case ConnectionCloseEvent():
+            return "info"
 
 
 class _BackgroundWriter:
@@ -102,8 +114,8 @@ class StructlogSink:
     def __init__(self) -> None:
         self._log = structlog.get_logger("egress-warden")
 
-    def emit(self, name: str, severity: str, attributes: Attributes) -> None:
-        getattr(self._log, severity)(name, **attributes)
+    def emit(self, event: Event, severity: str, attributes: Attributes) -> None:
+        getattr(self._log, severity)(event.name, **attributes)
 
 
 class Telemetry:
@@ -116,4 +128,4 @@ class Telemetry:
         severity = severity_of(event)
         attributes = event.attributes()
         for sink in self._sinks:
-            sink.emit(event.name, severity, attributes)
+            sink.emit(event, severity, attributes)

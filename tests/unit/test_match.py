@@ -194,10 +194,10 @@ def test_invalid_patterns_are_rejected(pattern: str, reason: str) -> None:
 
 
 _label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
-_name = (
-    st.lists(_label, min_size=2, max_size=5)
-    .map(".".join)
-    .filter(lambda n: not n.split(".")[-1].isdigit())
+# The last label is alphabetic: a numeric or hex-looking one would read as an IP literal.
+_tld = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=6)
+_name = st.tuples(st.lists(_label, min_size=1, max_size=4), _tld).map(
+    lambda parts: ".".join([*parts[0], parts[1]])
 )
 
 
