@@ -1,8 +1,10 @@
-"""Builds and runs the embedded mitmproxy master with only the addons the product needs."""
+"""Builds and runs the embedded mitmproxy master with only the addons the product needs,
+plus the control API on its own listener in the same event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import signal
 import socket
@@ -15,18 +17,27 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from mitmproxy.master import Master
 
 from addons.warden import EgressWarden
+from proxy.approvals import ApprovalQueue
+from proxy.audit import AuditSink, AuditWriter
 from proxy.config import Endpoint, RunConfig
-from proxy.control.app import create_app
+from proxy.control.app import ControlContext, ReloadResult, create_app
 from proxy.control.token import load_or_create_token
+from proxy.eventbus import EventBus
+from proxy.facts import facts_from_url
 from proxy.gate import Gate, PolicyState
+from proxy.grants import GrantIndex
 from proxy.hosts import IPAddress
 from proxy.netguard import Listener, NetGuard
+from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy
 from proxy.resolve import Resolver
+from proxy.store import StoreError, open_store
 from proxy.telemetry import PolicyEvent, Telemetry
 from proxy.telemetry.hub import StructlogSink
 
 log = structlog.get_logger("egress-warden")
+
+EXPIRY_INTERVAL = 5.0
 
 
 class StartupError(Exception):
@@ -42,7 +53,7 @@ def _bind(endpoint: Endpoint) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from exc
-    sock.listen(128)
+    sock.listen(512)
     sock.setblocking(False)
     return sock
 
@@ -71,20 +82,65 @@ def _proxy_options(cfg: RunConfig) -> options.Options:
     )
 
 
+class PolicyReloader:
+    """Re-reads the policy files; a bad file is rejected and the last good policy stays."""
+
+    def __init__(self, cfg: RunConfig, state: PolicyState, telemetry: Telemetry) -> None:
+        self._cfg = cfg
+        self._state = state
+        self._telemetry = telemetry
+
+    def effective(self, policy: EffectivePolicy) -> EffectivePolicy:
+        return replace(policy, mode=self._cfg.mode) if self._cfg.mode is not None else policy
+
+    async def reload(self) -> ReloadResult:
+        files = tuple(str(p) for p in self._cfg.policy_files)
+        try:
+            # Parsing is quick but touches the disk: keep it off the event loop.
+            policy = await asyncio.to_thread(load_policies, list(self._cfg.policy_files))
+        except PolicyErrors as errors:
+            messages = [str(e) for e in errors.errors]
+            self._telemetry.emit(PolicyEvent("rejected", files, "; ".join(messages)))
+            return ReloadResult(False, files, messages)
+        self._state.current = self.effective(policy)
+        self._telemetry.emit(PolicyEvent("loaded", files))
+        return ReloadResult(True, files, [])
+
+
+async def _expiry_loop(approvals: ApprovalQueue) -> None:
+    while True:
+        await asyncio.sleep(EXPIRY_INTERVAL)
+        try:
+            await approvals.expire()
+        except StoreError as exc:
+            log.warning("egress.store", error=str(exc))
+
+
 async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     """Run the proxy and the control API until SIGINT/SIGTERM. Returns the exit code."""
-    if cfg.mode is not None:
-        policy = replace(policy, mode=cfg.mode)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _check_free(cfg.listen)
     control_sock = _bind(cfg.control)
     token = load_or_create_token(cfg.state_dir)
-    del token  # the full control API arrives with approvals; the token file exists from now on
+    try:
+        store = await open_store(cfg.store_url)
+    except StoreError as exc:
+        control_sock.close()
+        raise StartupError(str(exc)) from exc
 
-    telemetry = Telemetry([StructlogSink()])
-    telemetry.emit(PolicyEvent("loaded", policy.files))
+    bus = EventBus()
+    audit = AuditWriter(store, cfg.audit_retention)
+    telemetry = Telemetry([StructlogSink(), AuditSink(audit, bus)])
     state = PolicyState(policy)
-    gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry)
+    reloader = PolicyReloader(cfg, state, telemetry)
+    state.current = reloader.effective(policy)
+    telemetry.emit(PolicyEvent("loaded", policy.files))
+
+    grants = GrantIndex()
+    grants.load(await store.list_grants())
+    approvals = ApprovalQueue(store, grants, telemetry, bus)
+    restored = await approvals.restore()
+    gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals)
 
     master = Master(_proxy_options(cfg), event_loop=asyncio.get_running_loop())
     ps = proxyserver.Proxyserver()
@@ -108,11 +164,23 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     def proxy_ready() -> bool:
         return bool(ps.is_running and ps.listen_addrs())
 
-    control_cfg = uvicorn.Config(
-        create_app(proxy_ready), log_config=None, access_log=False, lifespan="off"
+    ctx = ControlContext(
+        token=token,
+        is_ready=proxy_ready,
+        policy=lambda: state.current,
+        approvals=approvals,
+        grants=grants,
+        store=store,
+        audit=audit,
+        bus=bus,
+        reload=reloader.reload,
+        facts_for=facts_from_url,
     )
+    control_cfg = uvicorn.Config(create_app(ctx), log_config=None, access_log=False, lifespan="off")
     control = uvicorn.Server(control_cfg)
     control_task = asyncio.create_task(control.serve(sockets=[control_sock]))
+    audit.start()
+    expiry_task = asyncio.create_task(_expiry_loop(approvals))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,15 +203,22 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
             "egress.listening",
             proxy=f"{proxy_addr[0]}:{proxy_addr[1]}",
             control=f"{control_addr[0]}:{control_addr[1]}",
-            mode=policy.mode.value,
+            mode=state.current.mode.value,
             rules=len(policy.allow) + len(policy.deny),
+            grants=len(grants.all()),
+            pending=restored,
+            store=cfg.store_url.split("://", 1)[0],
         )
 
     announce_task = asyncio.create_task(announce())
     try:
         await master.run()
     finally:
-        announce_task.cancel()
+        for task in (announce_task, expiry_task):
+            task.cancel()
         control.should_exit = True
         await asyncio.wait([control_task], timeout=5)
+        await audit.stop()
+        with contextlib.suppress(StoreError):
+            await store.close()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
@@ -11,6 +12,7 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
+from proxy.identity import Identity, parse_proxy_authorization
 from proxy.responses import render_refusal
 
 _STRIPPED_PREFIX = "x-egress-warden-"
@@ -40,6 +42,15 @@ def _client_address(client: connection.Client) -> str | None:
     return str(peer[0]) if peer else None
 
 
+def _identity(request: http.Request) -> Identity | None:
+    return parse_proxy_authorization(request.headers.get("proxy-authorization"))
+
+
+def _client_gone(client: connection.Client) -> Callable[[], bool]:
+    # mitmproxy keeps reading while a hook waits: a closed client clears CAN_READ.
+    return lambda: not (client.state & connection.ConnectionState.CAN_READ)
+
+
 def _refusal_response(admission: Admission, facts: RequestFacts) -> http.Response:
     refusal = render_refusal(admission.decision, facts, admission.pending_id)
     response = http.Response.make(
@@ -67,6 +78,7 @@ class EgressWarden:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        identity = _identity(request)
         facts = RequestFacts(
             request_id=_new_request_id(),
             raw_host=request.host,
@@ -75,11 +87,13 @@ class EgressWarden:
             transport=Transport.HTTPS_CONNECT,
             method="CONNECT",
             scheme="https",
+            agent=identity.agent if identity else None,
+            session=identity.session if identity else None,
             client_address=_client_address(flow.client_conn),
             traceparent=request.headers.get("traceparent"),
         )
         flow.metadata["egress.request_id"] = facts.request_id
-        admission = await self.gate.admit(facts)
+        admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
             flow.response = _refusal_response(admission, facts)
             return
@@ -94,6 +108,7 @@ class EgressWarden:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
+        identity = _identity(request)
         for name in list(request.headers.keys()):
             if name.lower() == "proxy-authorization" or name.lower().startswith(_STRIPPED_PREFIX):
                 del request.headers[name]
@@ -108,13 +123,15 @@ class EgressWarden:
             method=request.method,
             scheme=request.scheme,
             path=request.path.partition("?")[0],
+            agent=identity.agent if identity else None,
+            session=identity.session if identity else None,
             client_address=_client_address(flow.client_conn),
             invalid=invalid,
             invalid_detail=detail,
             traceparent=request.headers.get("traceparent"),
         )
         flow.metadata["egress.request_id"] = facts.request_id
-        admission = await self.gate.admit(facts)
+        admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
             request.stream = False  # a refused upload is never streamed upstream
             flow.response = _refusal_response(admission, facts)

@@ -7,12 +7,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from proxy.config import RunConfig, parse_endpoint
+from proxy.control.client import add_client_commands
 from proxy.decide import Verdict, decide
-from proxy.facts import RequestFacts, Transport
-from proxy.hosts import InvalidHost, canonicalize_host
+from proxy.facts import facts_from_url
 from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy, Mode
 from proxy.resolve import parse_resolve_option
@@ -42,35 +41,6 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
         else:
             print(f"{path}: ok")
     return status
-
-
-def facts_from_url(url: str, method: str, agent: str | None) -> RequestFacts:
-    """Facts for a dry run: what the proxy would see for `url`."""
-    if "://" not in url:
-        url = "https://" + url
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    raw_host = parts.hostname or ""
-    try:
-        port = parts.port or (443 if scheme in ("https", "wss") else 80)
-    except ValueError:
-        port = 0
-    try:
-        host = canonicalize_host(raw_host)
-    except InvalidHost:
-        host = None
-    inspected = scheme in ("http", "ws")
-    return RequestFacts(
-        request_id="check",
-        raw_host=raw_host,
-        host=host,
-        port=port,
-        transport=Transport.HTTP if inspected else Transport.HTTPS_CONNECT,
-        method=method.upper(),
-        scheme=scheme,
-        path=(parts.path or "/") if inspected else None,
-        agent=agent,
-    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -107,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir),
             mode=Mode(args.mode) if args.mode else None,
             resolve=resolve,
+            store=args.store,
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -147,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", action="append", default=[], metavar="FILE")
     run.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     run.add_argument("--control", default="127.0.0.1:8081", metavar="HOST:PORT")
-    run.add_argument("--state-dir", default=".state", metavar="DIR")
+    store = run.add_mutually_exclusive_group()
+    store.add_argument("--state-dir", default=".state", metavar="DIR")
+    store.add_argument("--store", metavar="URL", help="sqlite:///path or postgresql://...")
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
     run.set_defaults(func=cmd_run)
@@ -169,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("what", choices=["path", "env"])
     ca.add_argument("--state-dir", default=".state", metavar="DIR")
     ca.set_defaults(func=cmd_ca)
+
+    add_client_commands(sub)
     return parser
 
 

@@ -34,4 +34,10 @@ class RunConfig:
     state_dir: Path
     mode: Mode | None = None
     resolve: dict[str, IPAddress] = field(default_factory=dict)
+    store: str | None = None  # default: sqlite:///<state_dir>/warden.db
+    audit_retention: int = 100_000  # decision rows kept in the store
     stream_large_bodies: str = "1m"
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{(self.state_dir / 'warden.db').resolve()}"

@@ -34,6 +34,7 @@ class Reason(StrEnum):
     DEFAULT_ASK = "default_ask"
     WOULD_DENY = "would_deny"
     DNS_FAILURE = "dns_failure"
+    APPROVED = "approved"
     APPROVAL_PENDING = "approval_pending"
     APPROVAL_DENIED = "approval_denied"
     APPROVAL_UNAVAILABLE = "approval_unavailable"

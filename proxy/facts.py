@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
-from proxy.hosts import Host
+from proxy.hosts import Host, InvalidHost, canonicalize_host
 
 
 class Transport(StrEnum):
@@ -43,3 +44,32 @@ class RequestFacts:
         if self.host is not None and self.host.ip is not None and self.host.ip.version == 6:
             name = f"[{name}]"
         return f"{name}:{self.port}"
+
+
+def facts_from_url(url: str, method: str, agent: str | None) -> RequestFacts:
+    """Facts for a dry run: what the proxy would see for `url`."""
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    raw_host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if scheme in ("https", "wss") else 80)
+    except ValueError:
+        port = 0
+    try:
+        host = canonicalize_host(raw_host)
+    except InvalidHost:
+        host = None
+    inspected = scheme in ("http", "ws")
+    return RequestFacts(
+        request_id="check",
+        raw_host=raw_host,
+        host=host,
+        port=port,
+        transport=Transport.HTTP if inspected else Transport.HTTPS_CONNECT,
+        method=method.upper(),
+        scheme=scheme,
+        path=(parts.path or "/") if inspected else None,
+        agent=agent,
+    )

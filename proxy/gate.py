@@ -1,14 +1,20 @@
-"""The gate: turns request facts into an admission, resolving the destination once."""
+"""The gate: turns request facts into an admission, resolving the destination once and holding
+misses for approval."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.approvals import ApprovalQueue, Outcome
+from proxy.approvals import Verdict as ApprovalVerdict
 from proxy.decide import Decision, Reason, Verdict, decide
 from proxy.facts import RequestFacts
+from proxy.grants import GrantIndex
 from proxy.hosts import IPAddress
 from proxy.netguard import NetGuard
 from proxy.policy.model import EffectivePolicy
+from proxy.records import PendingItem
 from proxy.resolve import ResolutionError, Resolver
 from proxy.telemetry import DecisionEvent, Telemetry
 
@@ -33,43 +39,100 @@ class PolicyState:
         self.current = policy
 
 
+def _after_approval(verdict: ApprovalVerdict) -> Decision:
+    source = verdict.grant_id or f"approval:{verdict.pending_id}"
+    detail = f"{verdict.outcome.value} by {verdict.approver} (scope {verdict.scope.value})"
+    if verdict.outcome is Outcome.APPROVED:
+        return Decision(Verdict.ALLOW, Reason.APPROVED, None, source, detail)
+    return Decision(Verdict.DENY, Reason.APPROVAL_DENIED, None, source, detail)
+
+
 class Gate:
-    """Decides every request: the pure decision, plus the one DNS lookup it needs."""
+    """Decides every request: the pure decision, the one DNS lookup it needs, and holding."""
 
     def __init__(
-        self, policy: PolicyState, resolver: Resolver, guard: NetGuard, telemetry: Telemetry
+        self,
+        policy: PolicyState,
+        resolver: Resolver,
+        guard: NetGuard,
+        telemetry: Telemetry,
+        grants: GrantIndex | None = None,
+        approvals: ApprovalQueue | None = None,
     ) -> None:
         self.policy = policy
         self.resolver = resolver
         self.guard = guard
         self.telemetry = telemetry
+        self.grants = grants or GrantIndex()
+        self.approvals = approvals
 
-    async def admit(self, facts: RequestFacts) -> Admission:
-        """Decide `facts`; emit exactly one decision event."""
-        admission = await self._admit(facts)
+    def _emit(self, facts: RequestFacts, admission: Admission) -> None:
         self.telemetry.emit(
-            DecisionEvent(facts, admission.decision, self.policy.current.mode, admission.address)
+            DecisionEvent(
+                facts,
+                admission.decision,
+                self.policy.current.mode,
+                admission.address,
+                admission.pending_id,
+            )
         )
-        return admission
 
-    async def _admit(self, facts: RequestFacts) -> Admission:
+    async def admit(
+        self, facts: RequestFacts, client_gone: Callable[[], bool] | None = None
+    ) -> Admission:
+        """Decide `facts`, holding a miss under `ask`; emits one decision event per verdict."""
+        admission = await self._decide(facts)
+        if admission.decision.verdict is not Verdict.HOLD:
+            self._emit(facts, admission)
+            return admission
+        return await self._hold(facts, admission, client_gone)
+
+    async def _decide(self, facts: RequestFacts) -> Admission:
         policy = self.policy.current
+        grants = self.grants.rules_for(facts.agent, facts.session)
         # First pass without DNS: a name the policy already refuses is never looked up.
-        first = decide(facts, policy, guard=self.guard)
+        first = decide(facts, policy, grants=grants, guard=self.guard)
         if first.verdict is Verdict.DENY or facts.host is None:
             return Admission(first)
         try:
             address = await self.resolver.resolve(facts.host, facts.port)
         except ResolutionError as exc:
             return Admission(Decision(Verdict.DENY, Reason.DNS_FAILURE, detail=str(exc)))
-        decision = decide(facts, policy, address=address, guard=self.guard)
-        if decision.verdict is Verdict.HOLD:
-            # Approvals are not wired in yet: a miss under `ask` is refused as pending.
+        return Admission(
+            decide(facts, policy, grants=grants, address=address, guard=self.guard), address
+        )
+
+    async def _hold(
+        self, facts: RequestFacts, held: Admission, client_gone: Callable[[], bool] | None
+    ) -> Admission:
+        assert facts.host is not None
+        if self.approvals is None:
+            admission = Admission(
+                Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, detail="approvals unavailable"),
+                held.address,
+            )
+            self._emit(facts, admission)
+            return admission
+        one_shot = self.approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
+        if one_shot is not None:
+            admission = Admission(_after_approval(one_shot), held.address, one_shot.pending_id)
+            self._emit(facts, admission)
+            return admission
+
+        def on_held(item: PendingItem) -> None:
+            self._emit(facts, Admission(held.decision, held.address, item.id))
+
+        result = await self.approvals.hold(
+            facts, self.policy.current.approval, client_gone, on_held
+        )
+        if result.verdict is None:
             decision = Decision(
                 Verdict.DENY,
                 Reason.APPROVAL_PENDING,
-                decision.rule,
-                decision.source,
-                "no rule matched; approval needed",
+                detail="client went away" if result.abandoned else "no answer in time",
             )
-        return Admission(decision, address)
+        else:
+            decision = _after_approval(result.verdict)
+        admission = Admission(decision, held.address, result.item.id)
+        self._emit(facts, admission)
+        return admission

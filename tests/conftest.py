@@ -55,7 +55,7 @@ class Upstreams:
 
 @pytest.fixture(scope="session")
 def upstreams(ca: trustme.CA) -> Iterator[Upstreams]:
-    cert = ca.issue_cert(*TEST_NAMES, "*.allowed.test", ALLOWED_IP)
+    cert = ca.issue_cert(*TEST_NAMES, "*.allowed.test", "*.held.test", ALLOWED_IP)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cert.configure_cert(server_ctx)
     ups = Upstreams(

@@ -1,23 +1,364 @@
-"""FastAPI application for the control listener."""
+"""FastAPI application for the control listener (SPEC section 5)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
+from proxy.approvals import ApprovalError, ApprovalQueue, Outcome
+from proxy.audit import AuditWriter, record_json
+from proxy.decide import Decision, decide
+from proxy.eventbus import EventBus
+from proxy.facts import RequestFacts
+from proxy.grants import GrantIndex
+from proxy.policy.match import parse_pattern
+from proxy.policy.model import Action, EffectivePolicy, Scope
+from proxy.records import Grant, GrantFor
+from proxy.store import Store
+
+KEEPALIVE_SECONDS = 15.0
 
 
-def create_app(is_ready: Callable[[], bool]) -> FastAPI:
-    """Build the control app; `is_ready` says whether the proxy listener is up."""
-    app = FastAPI(title="egress-warden control API", version=__version__)
+class ApiError(Exception):
+    """An error answered as `{"error": code, "detail": text}` with `status`."""
 
-    @app.get("/healthz")
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    files: tuple[str, ...]
+    errors: list[str]
+
+
+@dataclass
+class ControlContext:
+    """What the control API may touch; built by the runtime."""
+
+    token: str
+    is_ready: Callable[[], bool]
+    policy: Callable[[], EffectivePolicy]
+    approvals: ApprovalQueue
+    grants: GrantIndex
+    store: Store
+    audit: AuditWriter
+    bus: EventBus
+    reload: Callable[[], Awaitable[ReloadResult]]
+    facts_for: Callable[[str, str, str | None], RequestFacts]
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DecisionBody(_Body):
+    scope: Scope = Scope.ONCE
+    grant_for: GrantFor = Field(GrantFor.AGENT, alias="for")
+    note: str = Field("", max_length=2000)
+
+
+class GrantBody(_Body):
+    pattern: str = Field(min_length=1, max_length=300)
+    action: Action = Action.ALLOW
+    scope: Literal[Scope.SESSION, Scope.ALWAYS] = Scope.ALWAYS
+    agent: str | None = Field(None, max_length=128)
+    note: str = Field("", max_length=2000)
+    expires_at: float | None = Field(None, ge=0, le=1e11)
+
+
+class CheckBody(_Body):
+    url: str = Field(min_length=1, max_length=4000)
+    method: str = Field("GET", min_length=1, max_length=32, pattern=r"^[A-Za-z]+$")
+    agent: str | None = Field(None, max_length=128)
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def grant_json(grant: Grant) -> dict[str, Any]:
+    return {
+        "id": grant.id,
+        "pattern": grant.pattern,
+        "action": grant.action.value,
+        "scope": grant.scope.value,
+        "agent": grant.agent,
+        "session": grant.session,
+        "created_by": grant.created_by,
+        "note": grant.note,
+        "created_at": grant.created_at,
+        "expires_at": grant.expires_at,
+    }
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "decision": decision.verdict.value,
+        "reason": decision.reason.value,
+        "rule": decision.rule,
+        "source": decision.source,
+        "detail": decision.detail,
+    }
+
+
+def policy_json(policy: EffectivePolicy) -> dict[str, Any]:
+    def rules(ruleset: Any) -> list[dict[str, Any]]:
+        return [{"pattern": r.pattern, "source": r.source} for r in ruleset]
+
+    return {
+        "files": list(policy.files),
+        "mode": policy.mode.value,
+        "default": policy.default.value,
+        "allow": rules(policy.allow),
+        "deny": rules(policy.deny),
+        "network": {"ports": sorted(policy.ports), "block_private": policy.block_private},
+        "approval": {
+            "wait": policy.approval.wait,
+            "pending_ttl": policy.approval.pending_ttl,
+            "scopes": sorted(s.value for s in policy.approval.scopes),
+        },
+        "agents": {
+            agent_id: {
+                "default": section.default.value if section.default else None,
+                "allow": rules(section.allow),
+                "deny": rules(section.deny),
+            }
+            for agent_id, section in policy.agents.items()
+        },
+    }
+
+
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
+
+
+async def require_token(request: Request) -> str:
+    """Bearer token check (constant time); returns the approver name recorded on decisions."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+    if not hmac.compare_digest(value.strip().encode(), request.app.state.token):
+        raise ApiError(403, "forbidden", "invalid token")
+    approver = request.headers.get("x-egress-warden-approver", "").strip()
+    return approver[:64] if approver.isprintable() and approver else "admin"
+
+
+Approver = Annotated[str, Depends(require_token)]
+
+
+def create_app(ctx: ControlContext) -> FastAPI:
+    """Build the control app around `ctx`."""
+    app = FastAPI(
+        title="egress-warden control API",
+        version=__version__,
+        description="Approve held requests, manage grants, read the decision audit.",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.code, exc.detail, headers)
+
+    @app.exception_handler(ApprovalError)
+    async def _approval_error(_request: Request, exc: ApprovalError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:10]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(
+                f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg"))
+            )
+        return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        return _error(
+            500, "internal_error", "the control API hit an internal error; see the proxy log"
+        )
+
+    app.state.token = ctx.token.encode()
+
+    @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
-        if not is_ready():
+        if not ctx.is_ready():
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    @v1.get("/pending", tags=["approvals"])
+    async def list_pending() -> list[dict[str, Any]]:
+        return [ctx.approvals.describe(item) for item, _ in ctx.approvals.snapshot()]
+
+    async def _resolve(
+        item_id: str, body: DecisionBody, outcome: Outcome, approver: str
+    ) -> dict[str, Any]:
+        result = await ctx.approvals.resolve(
+            item_id,
+            outcome,
+            scope=body.scope,
+            grant_for=body.grant_for,
+            note=body.note,
+            approver=approver,
+            allowed_scopes=ctx.policy().approval.scopes,
+        )
+        return {
+            "id": result.item.id,
+            "resolution": result.verdict.outcome.value,
+            "scope": result.verdict.scope.value,
+            "for": result.verdict.grant_for.value,
+            "released": result.released,
+            "grant": grant_json(result.grant) if result.grant is not None else None,
+        }
+
+    @v1.post("/pending/{item_id}/approve", tags=["approvals"])
+    async def approve(
+        item_id: Annotated[str, Field(max_length=64)], body: DecisionBody, approver: Approver
+    ) -> dict[str, Any]:
+        return await _resolve(item_id, body, Outcome.APPROVED, approver)
+
+    @v1.post("/pending/{item_id}/deny", tags=["approvals"])
+    async def deny(
+        item_id: Annotated[str, Field(max_length=64)], body: DecisionBody, approver: Approver
+    ) -> dict[str, Any]:
+        return await _resolve(item_id, body, Outcome.DENIED, approver)
+
+    @v1.get("/grants", tags=["grants"])
+    async def list_grants() -> list[dict[str, Any]]:
+        return [grant_json(g) for g in ctx.grants.all()]
+
+    @v1.post("/grants", tags=["grants"], status_code=201)
+    async def create_grant(body: GrantBody, approver: Approver) -> dict[str, Any]:
+        try:
+            parse_pattern(body.pattern)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_pattern", str(exc)) from exc
+        if body.expires_at is not None and body.expires_at <= time.time():
+            raise ApiError(422, "invalid_request", "expires_at is in the past")
+        grant = Grant(
+            id="g-" + secrets.token_hex(6),
+            pattern=body.pattern,
+            action=body.action,
+            scope=body.scope,
+            agent=body.agent,
+            created_by=approver,
+            note=body.note,
+            created_at=time.time(),
+            expires_at=body.expires_at,
+        )
+        if grant.scope is Scope.ALWAYS:
+            await ctx.store.add_grant(grant)
+        ctx.grants.add(grant)
+        return grant_json(grant)
+
+    @v1.delete("/grants/{grant_id}", tags=["grants"])
+    async def revoke_grant(grant_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
+        grant = ctx.grants.remove(grant_id)
+        stored = await ctx.store.delete_grant(grant_id)
+        if grant is None and not stored:
+            raise ApiError(404, "not_found", f"no grant with id {grant_id!r}")
+        return {"id": grant_id, "revoked": True}
+
+    @v1.get("/decisions", tags=["audit"])
+    async def list_decisions(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        host: Annotated[str | None, Query(max_length=300)] = None,
+        decision: Annotated[Literal["allow", "deny", "hold"] | None, Query()] = None,
+    ) -> list[dict[str, Any]]:
+        await ctx.audit.flush()
+        rows = await ctx.store.list_decisions(limit=limit, host=host, decision=decision)
+        return [record_json(r) for r in rows]
+
+    @v1.get("/policy", tags=["policy"])
+    async def get_policy() -> dict[str, Any]:
+        return policy_json(ctx.policy())
+
+    @v1.post("/policy/reload", tags=["policy"])
+    async def reload_policy() -> JSONResponse:
+        result = await ctx.reload()
+        body = {"ok": result.ok, "files": list(result.files), "errors": result.errors}
+        if not result.ok:
+            return JSONResponse(
+                {"error": "policy_rejected", "detail": "; ".join(result.errors), **body},
+                status_code=422,
+            )
+        return JSONResponse(body)
+
+    @v1.post("/check", tags=["policy"])
+    async def check(body: CheckBody) -> dict[str, Any]:
+        facts = ctx.facts_for(body.url, body.method, body.agent)
+        decision = decide(
+            facts, ctx.policy(), grants=ctx.grants.rules_for(facts.agent, facts.session)
+        )
+        return decision_json(decision)
+
+    @v1.get("/events", tags=["events"])
+    async def events(request: Request) -> StreamingResponse:
+        async def stream() -> AsyncIterator[str]:
+            yield ": egress-warden events\n\n"
+            subscription = ctx.bus.subscribe()
+            next_event = asyncio.ensure_future(anext(subscription))
+            try:
+                while not await request.is_disconnected():
+                    done, _ = await asyncio.wait({next_event}, timeout=KEEPALIVE_SECONDS)
+                    if not done:
+                        yield ": keep-alive\n\n"
+                        continue
+                    kind, data = next_event.result()
+                    yield f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+                    next_event = asyncio.ensure_future(anext(subscription))
+            finally:
+                next_event.cancel()
+                await subscription.aclose()
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    app.include_router(v1)
     return app

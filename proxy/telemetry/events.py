@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ class DecisionEvent:
     decision: Decision
     mode: Mode
     address: IPAddress | None = None
+    pending_id: str | None = None
+    at: float = field(default_factory=time.time)
 
     name = "egress.decision"
 
@@ -46,6 +49,7 @@ class DecisionEvent:
             "egress.agent.id": f.agent,
             "session.id": f.session,
             "network.peer.address": str(self.address) if self.address is not None else None,
+            "egress.approval.id": self.pending_id,
         }
         attrs.update({k: v for k, v in optional.items() if v is not None})
         return attrs

@@ -1,0 +1,578 @@
+"""Talk to a running instance's control API: `pending`, `approve`, `deny`, `grants`, `decisions`.
+
+`ControlClient` is a small synchronous wrapper over the HTTP contract (SPEC section 5);
+`add_client_commands` registers the matching `egress-warden` subcommands on an argparse parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from proxy.control.token import TOKEN_ENV
+
+URL_ENV = "EGRESS_WARDEN_CONTROL_URL"
+DEFAULT_CONTROL_URL = "http://127.0.0.1:8081"
+DEFAULT_STATE_DIR = ".state"
+TOKEN_FILE_NAME = "control-token"
+DEFAULT_TIMEOUT = 10.0
+
+EXIT_API = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 4
+
+SCOPES = ("once", "session", "always")
+FOR_CHOICES = ("agent", "all")
+
+_TOKEN_HINT = f"set {TOKEN_ENV} or pass --token-file <state-dir>/{TOKEN_FILE_NAME}"
+
+
+class ControlError(Exception):
+    """A failed control API call, with a user-facing message and the CLI exit code to use."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_API) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def normalize_base_url(url: str) -> str:
+    """Accept `HOST:PORT` as well as a full URL; drop a trailing slash."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+class ControlClient:
+    """Synchronous client for the control API; every failure raises `ControlError`."""
+
+    def __init__(self, base_url: str, token: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.base_url = normalize_base_url(base_url)
+        try:
+            self._http = httpx.Client(
+                base_url=self.base_url,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                timeout=timeout,
+                trust_env=False,  # never route the admin's own calls through a proxy
+            )
+        except httpx.InvalidURL as exc:
+            raise ControlError(f"invalid control URL {base_url!r}: {exc}", EXIT_USAGE) from exc
+
+    def close(self) -> None:
+        """Close the underlying connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- API calls ---------------------------------------------------------------------------
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Items waiting for approval."""
+        return self._list(self._request("GET", "/v1/pending"))
+
+    def approve(
+        self, id: str, scope: str = "once", for_: str = "agent", note: str | None = None
+    ) -> dict[str, Any]:
+        """Approve pending item `id`; releases every request waiting on it."""
+        return self._resolve(id, "approve", scope, for_, note)
+
+    def deny(
+        self, id: str, scope: str = "once", for_: str = "agent", note: str | None = None
+    ) -> dict[str, Any]:
+        """Deny pending item `id`; waiting requests are answered 403."""
+        return self._resolve(id, "deny", scope, for_, note)
+
+    def grants(self) -> list[dict[str, Any]]:
+        """Runtime grants."""
+        return self._list(self._request("GET", "/v1/grants"))
+
+    def revoke(self, id: str) -> dict[str, Any]:
+        """Revoke grant `id`."""
+        answer = self._request(
+            "DELETE",
+            f"/v1/grants/{_segment(id)}",
+            subject=("grant", id, "egress-warden grants list"),
+        )
+        return self._object(answer)
+
+    def decisions(
+        self, limit: int = 20, host: str | None = None, decision: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Recent decisions, newest first, optionally filtered by host and decision."""
+        params: dict[str, str | int] = {"limit": limit}
+        if host:
+            params["host"] = host
+        if decision:
+            params["decision"] = decision
+        return self._list(self._request("GET", "/v1/decisions", params=params))
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _resolve(
+        self, id: str, action: str, scope: str, for_: str, note: str | None
+    ) -> dict[str, Any]:
+        body = {"scope": scope, "for": for_, "note": note or ""}
+        answer = self._request(
+            "POST",
+            f"/v1/pending/{_segment(id)}/{action}",
+            json_body=body,
+            subject=("pending item", id, "egress-warden pending"),
+        )
+        return self._object(answer)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str | int] | None = None,
+        json_body: dict[str, Any] | None = None,
+        subject: tuple[str, str, str] | None = None,
+    ) -> Any:
+        """Send one request; `subject` is (kind, id, listing command) for 404/409 messages."""
+        try:
+            response = self._http.request(method, path, params=params, json=json_body)
+        except httpx.TimeoutException as exc:
+            raise self._unreachable("timed out") from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise ControlError(f"invalid control URL {self.base_url!r}: {exc}", EXIT_USAGE) from exc
+        except httpx.TransportError as exc:
+            raise self._unreachable(_transport_reason(exc)) from exc
+
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError as exc:
+                raise ControlError(
+                    f"unexpected non-JSON answer from {self.base_url}{path} "
+                    f"(HTTP {response.status_code}) — is --control pointing at the control port?"
+                ) from exc
+
+        detail = _error_detail(response)
+        status = response.status_code
+        if status in (401, 403):
+            raise ControlError(f"the control API rejected the token ({status}): {_TOKEN_HINT}")
+        if status == 404 and subject:
+            kind, ident, listing = subject
+            raise ControlError(f"no {kind} with id {ident} (see `{listing}`)")
+        if status == 409 and subject:
+            kind, ident, _ = subject
+            suffix = f": {detail}" if detail else ""
+            raise ControlError(f"{kind} {ident} is already resolved{suffix}")
+        raise ControlError(
+            f"control API error {status} on {method} {path}: {detail or response.reason_phrase}"
+        )
+
+    def _unreachable(self, reason: str) -> ControlError:
+        return ControlError(
+            f"cannot reach egress-warden control API at {self.base_url}: {reason} — "
+            "is `egress-warden run` running? use --control URL",
+            EXIT_UNREACHABLE,
+        )
+
+    def _list(self, answer: Any) -> list[dict[str, Any]]:
+        if not isinstance(answer, list) or not all(isinstance(item, dict) for item in answer):
+            raise ControlError(f"unexpected answer from {self.base_url}: expected a JSON list")
+        return answer
+
+    def _object(self, answer: Any) -> dict[str, Any]:
+        if not isinstance(answer, dict):
+            raise ControlError(f"unexpected answer from {self.base_url}: expected a JSON object")
+        return answer
+
+
+def _segment(value: str) -> str:
+    """Quote an id for use as one path segment (no `/`, `..` tricks)."""
+    return quote(value, safe="")
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if "refused" in lowered:
+        return "connection refused"
+    if "name or service not known" in lowered or "nodename nor servname" in lowered:
+        return "unknown host"
+    return text
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The API's `detail` (or `error`) text, else a short slice of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200]
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("error")
+        if isinstance(detail, str):
+            return detail
+        if detail is not None:
+            return json.dumps(detail)
+    return json.dumps(body)[:200]
+
+
+# -- token and URL resolution ------------------------------------------------------------------
+
+
+def resolve_token(token_file: str | None, state_dir: str | None) -> str:
+    """`--token-file`, else $EGRESS_WARDEN_CONTROL_TOKEN, else `<state-dir>/control-token`."""
+    if token_file:
+        path = Path(token_file)
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ControlError(f"cannot read token file {path}: {reason}", EXIT_USAGE) from exc
+        if not token:
+            raise ControlError(f"token file {path} is empty", EXIT_USAGE)
+        return token
+    from_env = os.environ.get(TOKEN_ENV, "").strip()
+    if from_env:
+        return from_env
+    path = Path(state_dir or DEFAULT_STATE_DIR) / TOKEN_FILE_NAME
+    if path.is_file():
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ControlError(f"cannot read token file {path}: {reason}", EXIT_USAGE) from exc
+        if token:
+            return token
+    raise ControlError(
+        f"no control API token: set {TOKEN_ENV}, pass --token-file FILE, or pass --state-dir DIR "
+        f"of the running instance (looked for {path})",
+        EXIT_USAGE,
+    )
+
+
+def resolve_control_url(value: str | None) -> str:
+    """`--control`, else $EGRESS_WARDEN_CONTROL_URL, else the default listener."""
+    return value or os.environ.get(URL_ENV, "").strip() or DEFAULT_CONTROL_URL
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; no trailing whitespace."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def _destination(item: dict[str, Any]) -> str:
+    host = str(item.get("host") or "?")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    port = item.get("port")
+    return f"{host}:{port}" if port is not None else host
+
+
+def format_duration(seconds: float) -> str:
+    """Compact human duration: 42s, 5m07s, 1h05m, 2d03h."""
+    total = round(max(0.0, seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _age(since: Any, now: float) -> str:
+    if not isinstance(since, int | float):
+        return "-"
+    return format_duration(now - since)
+
+
+def _expires_in(at: Any, now: float) -> str:
+    if not isinstance(at, int | float):
+        return "never"
+    if at <= now:
+        return "expired"
+    return format_duration(at - now)
+
+
+def _clock(at: Any) -> str:
+    if not isinstance(at, int | float):
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def render_pending(items: list[dict[str, Any]], now: float | None = None) -> str:
+    """Table of pending items."""
+    if not items:
+        return "no pending requests"
+    now = time.time() if now is None else now
+    rows = [
+        [
+            _text(item.get("id")),
+            _text(item.get("agent")),
+            _destination(item),
+            _text(item.get("method")),
+            _text(item.get("count")),
+            _text(item.get("waiting")),
+            _age(item.get("first_seen"), now),
+            _expires_in(item.get("expires_at"), now),
+        ]
+        for item in items
+    ]
+    headers = ["ID", "AGENT", "DESTINATION", "METHOD", "COUNT", "WAITING", "AGE", "EXPIRES IN"]
+    return _table(headers, rows)
+
+
+def render_grants(items: list[dict[str, Any]], now: float | None = None) -> str:
+    """Table of runtime grants."""
+    if not items:
+        return "no grants"
+    now = time.time() if now is None else now
+    rows = [
+        [
+            _text(item.get("id")),
+            _text(item.get("action")),
+            _text(item.get("pattern")),
+            _text(item.get("scope")),
+            _text(item.get("agent") or "all agents"),
+            _text(item.get("created_by")),
+            _expires_in(item.get("expires_at"), now),
+            _text(item.get("note")),
+        ]
+        for item in items
+    ]
+    headers = ["ID", "ACTION", "PATTERN", "SCOPE", "FOR", "CREATED BY", "EXPIRES IN", "NOTE"]
+    return _table(headers, rows)
+
+
+def render_decisions(items: list[dict[str, Any]]) -> str:
+    """Table of recent decisions (local wall-clock time)."""
+    if not items:
+        return "no decisions recorded"
+    rows = [
+        [
+            _clock(item.get("at")),
+            _text(item.get("decision")),
+            _text(item.get("reason")),
+            _text(item.get("agent")),
+            _destination(item) + (str(item["path"]) if item.get("path") else ""),
+            _text(item.get("rule")),
+        ]
+        for item in items
+    ]
+    headers = ["TIME", "DECISION", "REASON", "AGENT", "DESTINATION", "RULE"]
+    return _table(headers, rows)
+
+
+def render_resolution(answer: dict[str, Any], fallback_id: str) -> str:
+    """One-line confirmation of an approve/deny, plus the grant it created, if any."""
+    resolution = str(answer.get("resolution") or "resolved")
+    item_id = _text(answer.get("id") or fallback_id)
+    scope = _text(answer.get("scope"))
+    for_ = _text(answer.get("for"))
+    released = answer.get("released", 0)
+    head = f"{resolution} {item_id} (scope {scope}, for {for_})"
+    if resolution == "denied":
+        line = f"{head}: answered {released} waiting request(s) with 403"
+    else:
+        line = f"{head}: released {released} waiting request(s)"
+    grant = answer.get("grant")
+    if isinstance(grant, dict):
+        who = grant.get("agent") or "all agents"
+        line += (
+            f"\ngrant {_text(grant.get('id'))}: {_text(grant.get('action'))} "
+            f"{_text(grant.get('pattern'))} ({_text(grant.get('scope'))}, for {who})"
+        )
+    return line
+
+
+# -- argparse wiring ---------------------------------------------------------------------------
+
+Handler = Callable[[ControlClient, argparse.Namespace], int]
+
+
+def _run(args: argparse.Namespace, handler: Handler) -> int:
+    """Build a client from the common options, run `handler`, map errors to exit codes."""
+    try:
+        token = resolve_token(getattr(args, "token_file", None), getattr(args, "state_dir", None))
+        with ControlClient(resolve_control_url(getattr(args, "control", None)), token) as client:
+            return handler(client, args)
+    except ControlError as exc:
+        print(f"egress-warden: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
+    """Print `data` as JSON with `--json`, else the human rendering."""
+    print(json.dumps(data, indent=2) if args.json else text())
+
+
+def _do_pending(client: ControlClient, args: argparse.Namespace) -> int:
+    items = client.pending()
+    _emit(args, items, lambda: render_pending(items))
+    return 0
+
+
+def _do_resolve(action: str) -> Handler:
+    def handler(client: ControlClient, args: argparse.Namespace) -> int:
+        call = client.approve if action == "approve" else client.deny
+        answer = call(args.id, scope=args.scope, for_=args.for_, note=args.note)
+        _emit(args, answer, lambda: render_resolution(answer, args.id))
+        return 0
+
+    return handler
+
+
+def _do_grants_list(client: ControlClient, args: argparse.Namespace) -> int:
+    items = client.grants()
+    _emit(args, items, lambda: render_grants(items))
+    return 0
+
+
+def _do_grants_revoke(client: ControlClient, args: argparse.Namespace) -> int:
+    answer = client.revoke(args.id)
+    _emit(args, answer, lambda: f"revoked grant {_text(answer.get('id') or args.id)}")
+    return 0
+
+
+def _do_decisions(client: ControlClient, args: argparse.Namespace) -> int:
+    items = client.decisions(args.limit, host=args.host, decision=args.decision)
+    _emit(args, items, lambda: render_decisions(items))
+    return 0
+
+
+def _bind(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    def func(args: argparse.Namespace) -> int:
+        return _run(args, handler)
+
+    return func
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """The connection/output options every client command takes.
+
+    On a nested parser (`grants list`) defaults are suppressed so an option given before the
+    nested command (`grants --json list`) is not reset by the nested parser's defaults.
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if nested else value
+
+    group = parser.add_argument_group("control API connection")
+    group.add_argument(
+        "--control",
+        metavar="URL",
+        default=default(None),
+        help=f"control API base URL (default: ${URL_ENV} or {DEFAULT_CONTROL_URL})",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(None),
+        help=f"file holding the bearer token (default: ${TOKEN_ENV}, "
+        f"else <state-dir>/{TOKEN_FILE_NAME})",
+    )
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default(DEFAULT_STATE_DIR),
+        help=f"state dir of the running instance, for its token (default: {DEFAULT_STATE_DIR})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the raw JSON answer",
+    )
+
+
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `pending`, `approve`, `deny`, `grants` and `decisions` on `sub`."""
+    pending = sub.add_parser("pending", help="list requests waiting for approval")
+    _add_common(pending)
+    pending.set_defaults(func=_bind(_do_pending))
+
+    for action, help_text in (
+        ("approve", "approve a pending request (releases everything waiting on it)"),
+        ("deny", "deny a pending request (waiting requests get 403)"),
+    ):
+        parser = sub.add_parser(action, help=help_text)
+        parser.add_argument("id", metavar="ID", help="pending item id (see `pending`)")
+        parser.add_argument(
+            "--scope", choices=SCOPES, default="once", help="how long it holds (default: once)"
+        )
+        parser.add_argument(
+            "--for",
+            dest="for_",
+            choices=FOR_CHOICES,
+            default="agent",
+            help="just the requesting agent, or all agents (default: agent)",
+        )
+        parser.add_argument("--note", metavar="T", help="free-text note recorded with it")
+        _add_common(parser)
+        parser.set_defaults(func=_bind(_do_resolve(action)))
+
+    grants = sub.add_parser("grants", help="list or revoke runtime grants")
+    _add_common(grants)
+    grants.set_defaults(func=_bind(_do_grants_list))
+    grants_sub = grants.add_subparsers(dest="grants_command", metavar="{list,revoke}")
+    grants_list = grants_sub.add_parser("list", help="list runtime grants (the default)")
+    _add_common(grants_list, nested=True)
+    grants_list.set_defaults(func=_bind(_do_grants_list))
+    grants_revoke = grants_sub.add_parser("revoke", help="revoke a runtime grant")
+    grants_revoke.add_argument("id", metavar="ID", help="grant id (see `grants list`)")
+    _add_common(grants_revoke, nested=True)
+    grants_revoke.set_defaults(func=_bind(_do_grants_revoke))
+
+    decisions = sub.add_parser("decisions", help="recent decisions, newest first")
+    decisions.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="how many (default: 20)"
+    )
+    decisions.add_argument("--host", help="only decisions for this host")
+    decisions.add_argument("--decision", metavar="D", help="only this decision (allow|deny|hold)")
+    _add_common(decisions)
+    decisions.set_defaults(func=_bind(_do_decisions))

@@ -1,0 +1,485 @@
+"""SQLite state store (aiosqlite, WAL): one connection, one write transaction at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from proxy.policy.model import Action, Scope
+from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
+from proxy.store.base import StoreError
+from proxy.store.migrations import (
+    CURRENT_VERSION_SQL,
+    SCHEMA_VERSION_DDL,
+    pending_migrations,
+)
+
+BUSY_TIMEOUT_MS = 5000
+
+_GRANT_COLS = "id, pattern, action, scope, agent, created_by, note, created_at, expires_at, session"
+_PENDING_COLS = (
+    "id, host, port, scheme, method, agent, session, first_seen, last_seen, count, "
+    "expires_at, review"
+)
+_APPROVAL_COLS = (
+    "id, state, host, port, agent, scope, grant_for, approver, reviewer, note, wait_ms, at"
+)
+_DECISION_COLS = (
+    "request_id, at, decision, reason, host, port, method, transport, agent, session, rule, "
+    "source, client_address, peer_address, mode, path, pending_id"
+)
+
+Row = Sequence[Any]
+
+
+def _marks(cols: str) -> str:
+    return ", ".join("?" for _ in cols.split(","))
+
+
+def _upsert_sql(table: str, cols: str) -> str:
+    """INSERT ... ON CONFLICT (id) DO UPDATE: same syntax in SQLite >= 3.24 and PostgreSQL."""
+    names = [c.strip() for c in cols.split(",")]
+    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "id")
+    return (
+        f"INSERT INTO {table} ({cols}) VALUES ({_marks(cols)}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
+def _enum_value(value: Scope | GrantFor | None) -> str | None:
+    return None if value is None else value.value
+
+
+def _grant_params(g: Grant) -> tuple[Any, ...]:
+    return (
+        g.id,
+        g.pattern,
+        g.action.value,
+        g.scope.value,
+        g.agent,
+        g.created_by,
+        g.note,
+        g.created_at,
+        g.expires_at,
+        g.session,
+    )
+
+
+def _grant_from(r: Row) -> Grant:
+    return Grant(
+        id=r[0],
+        pattern=r[1],
+        action=Action(r[2]),
+        scope=Scope(r[3]),
+        agent=r[4],
+        created_by=r[5],
+        note=r[6],
+        created_at=r[7],
+        expires_at=r[8],
+        session=r[9],
+    )
+
+
+def _pending_params(p: PendingItem) -> tuple[Any, ...]:
+    return (
+        p.id,
+        p.host,
+        p.port,
+        p.scheme,
+        p.method,
+        p.agent,
+        p.session,
+        p.first_seen,
+        p.last_seen,
+        p.count,
+        p.expires_at,
+        p.review,
+    )
+
+
+def _pending_from(r: Row) -> PendingItem:
+    return PendingItem(
+        id=r[0],
+        host=r[1],
+        port=r[2],
+        scheme=r[3],
+        method=r[4],
+        agent=r[5],
+        session=r[6],
+        first_seen=r[7],
+        last_seen=r[8],
+        count=r[9],
+        expires_at=r[10],
+        review=r[11],
+    )
+
+
+def _approval_params(a: ApprovalRecord) -> tuple[Any, ...]:
+    return (
+        a.id,
+        a.state,
+        a.host,
+        a.port,
+        a.agent,
+        _enum_value(a.scope),
+        _enum_value(a.grant_for),
+        a.approver,
+        a.reviewer,
+        a.note,
+        a.wait_ms,
+        a.at,
+    )
+
+
+def _approval_from(r: Row) -> ApprovalRecord:
+    return ApprovalRecord(
+        id=r[0],
+        state=r[1],
+        host=r[2],
+        port=r[3],
+        agent=r[4],
+        scope=None if r[5] is None else Scope(r[5]),
+        grant_for=None if r[6] is None else GrantFor(r[6]),
+        approver=r[7],
+        reviewer=r[8],
+        note=r[9],
+        wait_ms=r[10],
+        at=r[11],
+    )
+
+
+def _decision_params(d: DecisionRecord) -> tuple[Any, ...]:
+    return (
+        d.request_id,
+        d.at,
+        d.decision,
+        d.reason,
+        d.host,
+        d.port,
+        d.method,
+        d.transport,
+        d.agent,
+        d.session,
+        d.rule,
+        d.source,
+        d.client_address,
+        d.peer_address,
+        d.mode,
+        d.path,
+        d.pending_id,
+    )
+
+
+def _decision_from(r: Row) -> DecisionRecord:
+    return DecisionRecord(
+        request_id=r[0],
+        at=r[1],
+        decision=r[2],
+        reason=r[3],
+        host=r[4],
+        port=r[5],
+        method=r[6],
+        transport=r[7],
+        agent=r[8],
+        session=r[9],
+        rule=r[10],
+        source=r[11],
+        client_address=r[12],
+        peer_address=r[13],
+        mode=r[14],
+        path=r[15],
+        pending_id=r[16],
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """A short lower-case reason for an OS or SQLite error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = str(exc) or type(exc).__name__
+    if "readonly" in text or "read-only" in text:
+        return f"permission denied ({text})"
+    return text
+
+
+def _prepare(path: Path) -> Path:
+    """Create the parent directory and fail early with 'permission denied' (blocking I/O)."""
+    path = path.expanduser()
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(parent))
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    # WAL mode needs to create <db>-wal and <db>-shm next to the database.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(path.parent))
+    return path
+
+
+class SqliteStore:
+    """`Store` on one SQLite file; calls are serialised and each write commits before returning."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        """Wrap an open, migrated connection; use `SqliteStore.open` instead."""
+        self._conn = conn
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        """Open (creating if needed) the database at `path` and bring its schema up to date."""
+        try:
+            path = await asyncio.to_thread(_prepare, Path(path))
+            # isolation_level=None: no implicit transactions; we BEGIN/COMMIT explicitly.
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open state database {path}: {_reason(exc)}") from exc
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                row = await cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                mode = None if row is None else row[0]
+                raise StoreError(
+                    f"cannot open state database {path}: WAL journal mode unavailable "
+                    f"(got {mode}); use a local filesystem"
+                )
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            await _migrate(conn, str(path))
+        except BaseException as exc:
+            await conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise StoreError(f"cannot open state database {path}: {_reason(exc)}") from exc
+            raise
+        return cls(conn, path)
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            await self._conn.close()
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One serialised write transaction, committed on success, rolled back on error."""
+        async with self._lock, self._errors():
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await _rollback(self._conn)
+                raise
+            await self._conn.execute("COMMIT")
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Serialised read access (never sees another call's half-done transaction)."""
+        async with self._lock, self._errors():
+            yield self._conn
+
+    @asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
+        if self._closed:
+            raise StoreError(f"state database {self.path} is closed")
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database {self.path}: {_reason(exc)}") from exc
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        async with self._read() as conn, conn.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def _delete_by_id(self, table: str, item_id: str) -> bool:
+        async with (
+            self._write() as conn,
+            conn.execute(f"DELETE FROM {table} WHERE id = ?", (item_id,)) as cur,
+        ):
+            return cur.rowcount > 0
+
+    # --- grants -------------------------------------------------------------------------------
+
+    async def add_grant(self, grant: Grant) -> None:
+        """Persist an `always` grant (replacing one with the same id)."""
+        if grant.scope is not Scope.ALWAYS:
+            raise ValueError(f"only scope=always grants are stored, got {grant.scope.value}")
+        async with self._write() as conn:
+            await conn.execute(_upsert_sql("grants", _GRANT_COLS), _grant_params(grant))
+
+    async def list_grants(self, now: float | None = None) -> list[Grant]:
+        """Grants not expired at `now` (default: the current time), oldest first."""
+        at = time.time() if now is None else now
+        rows = await self._fetchall(
+            f"SELECT {_GRANT_COLS} FROM grants WHERE expires_at IS NULL OR expires_at > ? "
+            "ORDER BY created_at, id",
+            (at,),
+        )
+        return [_grant_from(r) for r in rows]
+
+    async def delete_grant(self, grant_id: str) -> bool:
+        """Delete a grant; False when the id is unknown."""
+        return await self._delete_by_id("grants", grant_id)
+
+    # --- pending items ------------------------------------------------------------------------
+
+    async def upsert_pending(self, item: PendingItem) -> None:
+        """Insert a pending item or replace the one with the same id."""
+        async with self._write() as conn:
+            await conn.execute(_upsert_sql("pending", _PENDING_COLS), _pending_params(item))
+
+    async def get_pending(self, item_id: str) -> PendingItem | None:
+        """The pending item with this id (expired or not), or None."""
+        rows = await self._fetchall(f"SELECT {_PENDING_COLS} FROM pending WHERE id = ?", (item_id,))
+        return _pending_from(rows[0]) if rows else None
+
+    async def list_pending(self, now: float) -> list[PendingItem]:
+        """Pending items with expires_at > now, oldest (first_seen) first."""
+        rows = await self._fetchall(
+            f"SELECT {_PENDING_COLS} FROM pending WHERE expires_at > ? ORDER BY first_seen, id",
+            (now,),
+        )
+        return [_pending_from(r) for r in rows]
+
+    async def delete_pending(self, item_id: str) -> bool:
+        """Delete a pending item; False when the id is unknown."""
+        return await self._delete_by_id("pending", item_id)
+
+    async def purge_expired_pending(self, now: float) -> list[PendingItem]:
+        """Delete the pending items with expires_at <= now and return them, oldest first."""
+        async with self._write() as conn:
+            async with conn.execute(
+                f"SELECT {_PENDING_COLS} FROM pending WHERE expires_at <= ? "
+                "ORDER BY first_seen, id",
+                (now,),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            if rows:
+                await conn.executemany("DELETE FROM pending WHERE id = ?", [(r[0],) for r in rows])
+        return [_pending_from(r) for r in rows]
+
+    # --- approval history ---------------------------------------------------------------------
+
+    async def record_approval(self, record: ApprovalRecord) -> None:
+        """Append one approval-history row."""
+        async with self._write() as conn:
+            await conn.execute(
+                f"INSERT INTO approvals ({_APPROVAL_COLS}) VALUES ({_marks(_APPROVAL_COLS)})",
+                _approval_params(record),
+            )
+
+    async def list_approvals(self, limit: int = 100) -> list[ApprovalRecord]:
+        """The newest `limit` approval-history rows, newest first."""
+        if limit <= 0:
+            return []
+        rows = await self._fetchall(
+            f"SELECT {_APPROVAL_COLS} FROM approvals ORDER BY seq DESC LIMIT ?", (limit,)
+        )
+        return [_approval_from(r) for r in rows]
+
+    # --- decision audit -----------------------------------------------------------------------
+
+    async def record_decisions(self, records: Sequence[DecisionRecord]) -> None:
+        """Append a batch of decision audit rows in one transaction, in the given order."""
+        if not records:
+            return
+        async with self._write() as conn:
+            await conn.executemany(
+                f"INSERT INTO decisions ({_DECISION_COLS}) VALUES ({_marks(_DECISION_COLS)})",
+                [_decision_params(d) for d in records],
+            )
+
+    async def list_decisions(
+        self, limit: int = 100, host: str | None = None, decision: str | None = None
+    ) -> list[DecisionRecord]:
+        """The newest `limit` decision rows matching the filters, newest first."""
+        if limit <= 0:
+            return []
+        where: list[str] = []
+        params: list[Any] = []
+        if host is not None:
+            where.append("host = ?")
+            params.append(host)
+        if decision is not None:
+            where.append("decision = ?")
+            params.append(decision)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        params.append(limit)
+        rows = await self._fetchall(
+            f"SELECT {_DECISION_COLS} FROM decisions {clause}ORDER BY seq DESC LIMIT ?", params
+        )
+        return [_decision_from(r) for r in rows]
+
+    async def prune_decisions(self, keep: int) -> int:
+        """Keep the newest `keep` decision rows; return how many were deleted."""
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        async with self._write() as conn:
+            params: tuple[Any, ...] = ()
+            if keep == 0:
+                sql = "DELETE FROM decisions"
+            else:
+                async with conn.execute(
+                    "SELECT seq FROM decisions ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep - 1,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    return 0
+                sql, params = "DELETE FROM decisions WHERE seq < ?", (row[0],)
+            async with conn.execute(sql, params) as cur:
+                return max(cur.rowcount, 0)
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back, tolerating a transaction SQLite already ended itself (e.g. on SQLITE_FULL)."""
+    with contextlib.suppress(sqlite3.Error):
+        await conn.execute("ROLLBACK")
+
+
+async def _migrate(conn: aiosqlite.Connection, where: str) -> None:
+    """Apply the migrations this database lacks, each in its own transaction."""
+    await conn.execute(SCHEMA_VERSION_DDL)
+    while True:
+        # BEGIN IMMEDIATE takes the write lock, so two processes opening at once cannot both
+        # apply the same migration: the second re-reads the version after the first commits.
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with conn.execute(CURRENT_VERSION_SQL) as cur:
+                row = await cur.fetchone()
+            todo = pending_migrations(None if row is None else row[0], where)
+            if not todo:
+                await conn.execute("COMMIT")
+                return
+            step = todo[0]
+            for statement in step.render("sqlite"):
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                (step.version, time.time()),
+            )
+        except BaseException:
+            await _rollback(conn)
+            raise
+        await conn.execute("COMMIT")
