@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
@@ -70,7 +70,7 @@ class Collected:
 # --- gRPC ----------------------------------------------------------------------------------
 
 
-class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[misc]
+class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
     def __init__(self, collected: Collected) -> None:
         self._c = collected
 
@@ -84,7 +84,7 @@ class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
-class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore[misc]
+class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, collected: Collected) -> None:
         self._c = collected
 
@@ -105,10 +105,11 @@ class GrpcReceiver(Collected):
     def __init__(self) -> None:
         super().__init__()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsServicer(self), self.server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
-            _MetricsServicer(self), self.server
-        )
+        # The generated *_pb2_grpc modules are untyped.
+        add_logs = logs_service_pb2_grpc.add_LogsServiceServicer_to_server
+        add_metrics = metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server
+        add_logs(_LogsServicer(self), self.server)  # type: ignore[no-untyped-call]
+        add_metrics(_MetricsServicer(self), self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 

@@ -43,6 +43,9 @@ class Upstream:
 def _handler(upstream_ref: list[Upstream]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # One buffered write per response and no Nagle: otherwise delayed ACKs add ~40 ms.
+        wbufsize = 1 << 16
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             return
