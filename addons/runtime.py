@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import signal
 import socket
 from dataclasses import replace
@@ -33,11 +34,12 @@ from proxy.policy.model import EffectivePolicy
 from proxy.resolve import Resolver
 from proxy.store import StoreError, open_store
 from proxy.telemetry import PolicyEvent, Telemetry
-from proxy.telemetry.hub import StructlogSink
+from proxy.telemetry.hub import Sink, StructlogSink
+from proxy.telemetry.otel import OtelSink, build_otel_sink
 
 log = structlog.get_logger("egress-warden")
 
-EXPIRY_INTERVAL = 5.0
+EXPIRY_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -123,6 +125,13 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     control_sock = _bind(cfg.control)
     token = load_or_create_token(cfg.state_dir)
     try:
+        otel: OtelSink | None = build_otel_sink()
+    except ValueError as exc:
+        control_sock.close()
+        raise StartupError(f"OpenTelemetry configuration: {exc}") from exc
+    # The SDK logs plain-text lines of its own; the sink reports drops and failures as JSON.
+    logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+    try:
         store = await open_store(cfg.store_url)
     except StoreError as exc:
         control_sock.close()
@@ -130,7 +139,10 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
 
     bus = EventBus()
     audit = AuditWriter(store, cfg.audit_retention)
-    telemetry = Telemetry([StructlogSink(), AuditSink(audit, bus)])
+    sinks: list[Sink] = [StructlogSink(), AuditSink(audit, bus)]
+    if otel is not None:
+        sinks.append(otel)
+    telemetry = Telemetry(sinks)
     state = PolicyState(policy)
     reloader = PolicyReloader(cfg, state, telemetry)
     state.current = reloader.effective(policy)
@@ -140,6 +152,8 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     grants.load(await store.list_grants())
     approvals = ApprovalQueue(store, grants, telemetry, bus)
     restored = await approvals.restore()
+    if otel is not None:
+        otel.watch_pending(approvals.pending_count)
     gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals)
 
     master = Master(_proxy_options(cfg), event_loop=asyncio.get_running_loop())
@@ -221,4 +235,6 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
         await audit.stop()
         with contextlib.suppress(StoreError):
             await store.close()
+        if otel is not None:
+            await asyncio.to_thread(otel.shutdown, 3.0)
     return 0

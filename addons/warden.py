@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import connection, http
-from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy.proxy import events, layer, layers, server_hooks
+from mitmproxy.proxy.context import Context
 
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
 from proxy.responses import render_refusal
+from proxy.telemetry import ConnectionCloseEvent
 
 _STRIPPED_PREFIX = "x-egress-warden-"
 
@@ -24,6 +27,55 @@ class _Pin:
 
     address: str
     port: int
+
+
+@dataclass
+class _Meter:
+    """Bytes each way and duration of one admitted connection or exchange."""
+
+    facts: RequestFacts
+    started: float = field(default_factory=time.monotonic)
+    sent: int = 0  # client -> upstream
+    received: int = 0  # upstream -> client
+
+    def count_sent(self, chunk: bytes) -> bytes:
+        self.sent += len(chunk)
+        return chunk
+
+    def count_received(self, chunk: bytes) -> bytes:
+        self.received += len(chunk)
+        return chunk
+
+    def close_event(self) -> ConnectionCloseEvent:
+        f = self.facts
+        return ConnectionCloseEvent(
+            request_id=f.request_id,
+            host=f.host.name if f.host is not None else f.raw_host,
+            port=f.port,
+            bytes_sent=self.sent,
+            bytes_received=self.received,
+            duration_ms=int((time.monotonic() - self.started) * 1000),
+            transport=f.transport.value,
+            agent=f.agent,
+            session=f.session,
+            traceparent=f.traceparent,
+        )
+
+
+class MeteredTunnel(layers.TCPLayer):
+    """A raw TCP tunnel (no interception, no per-chunk hooks) that counts bytes each way."""
+
+    def __init__(self, context: Context, meter: _Meter) -> None:
+        super().__init__(context, ignore=True)
+        self._meter = meter
+
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection is self.context.client:
+                self._meter.sent += len(event.data)
+            else:
+                self._meter.received += len(event.data)
+        yield from super().relay_messages(event)
 
 
 def _new_request_id() -> str:
@@ -69,8 +121,9 @@ class EgressWarden:
         self.gate = gate
         # client id -> (server id or (host, port)) -> pin; dropped with the client connection.
         self._pins: dict[str, dict[object, _Pin]] = {}
-        # server ids of admitted CONNECT tunnels that become raw TCP (no interception).
-        self._tunnels: set[str] = set()
+        # server id -> meter of admitted CONNECT tunnels (raw TCP, no interception).
+        self._tunnels: dict[str, _Meter] = {}
+        self._tunnel_clients: dict[str, set[str]] = {}
 
     def _pin(self, client: connection.Client, key: object, admission: Admission, port: int) -> None:
         assert admission.address is not None
@@ -98,13 +151,15 @@ class EgressWarden:
             flow.response = _refusal_response(admission, facts)
             return
         self._pin(flow.client_conn, flow.server_conn.id, admission, request.port)
-        self._tunnels.add(flow.server_conn.id)
+        self._tunnels[flow.server_conn.id] = _Meter(facts)
+        self._tunnel_clients.setdefault(flow.client_conn.id, set()).add(flow.server_conn.id)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # An admitted CONNECT becomes a plain TCP tunnel: the agent sees the real certificate.
-        if nextlayer.layer is None and nextlayer.context.server.id in self._tunnels:
-            self._tunnels.discard(nextlayer.context.server.id)
-            nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
+        if nextlayer.layer is None:
+            meter = self._tunnels.get(nextlayer.context.server.id)
+            if meter is not None:
+                nextlayer.layer = MeteredTunnel(nextlayer.context, meter)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
@@ -136,6 +191,10 @@ class EgressWarden:
             request.stream = False  # a refused upload is never streamed upstream
             flow.response = _refusal_response(admission, facts)
             return
+        meter = _Meter(facts)
+        flow.metadata["egress.meter"] = meter
+        if request.stream:
+            request.stream = meter.count_sent
         assert admission.address is not None
         address = str(admission.address)
         if request.scheme == "http":
@@ -177,8 +236,37 @@ class EgressWarden:
             return
         data.server.address = (pin.address, pin.port)
 
+    def request(self, flow: http.HTTPFlow) -> None:
+        meter = flow.metadata.get("egress.meter")
+        if isinstance(meter, _Meter) and not callable(flow.request.stream):
+            meter.sent += len(flow.request.raw_content or b"")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Responses are streamed through, counted on the way; never buffered whole.
+        meter = flow.metadata.get("egress.meter")
+        if isinstance(meter, _Meter) and flow.response is not None:
+            flow.response.stream = meter.count_received
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._close_exchange(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._close_exchange(flow)
+
+    def _close_exchange(self, flow: http.HTTPFlow) -> None:
+        meter = flow.metadata.pop("egress.meter", None)
+        if isinstance(meter, _Meter):
+            self.gate.telemetry.emit(meter.close_event())
+
     def client_disconnected(self, client: connection.Client) -> None:
         self._pins.pop(client.id, None)
+        for server_id in self._tunnel_clients.pop(client.id, ()):
+            self._close_tunnel(server_id)
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._tunnels.discard(data.server.id)
+        self._close_tunnel(data.server.id)
+
+    def _close_tunnel(self, server_id: str) -> None:
+        meter = self._tunnels.pop(server_id, None)
+        if meter is not None:
+            self.gate.telemetry.emit(meter.close_event())

@@ -125,6 +125,10 @@ class ApprovalQueue:
         waiting = self._waiting.get(item_id)
         return waiting.count if waiting is not None else 0
 
+    def pending_count(self) -> int:
+        """Live pending items (safe to call from another thread: one len())."""
+        return len(self._items)
+
     @property
     def total_waiting(self) -> int:
         return sum(w.count for w in self._waiting.values())
@@ -363,6 +367,9 @@ class ApprovalQueue:
     async def expire(self) -> list[PendingItem]:
         """Drop items past their pending_ttl (emits `expired`)."""
         now = self._clock()
+        self._one_shots = {k: v for k, v in self._one_shots.items() if v[1] > now}
+        if not any(i.expires_at <= now for i in self._items.values()):
+            return []
         async with self._lock:
             expired = [i for i in self._items.values() if i.expires_at <= now]
             for item in expired:
@@ -374,9 +381,17 @@ class ApprovalQueue:
         for item in expired:
             await self._store.record_approval(self._record(item, "expired"))
             self._telemetry.emit(
-                ApprovalEvent("expired", item.id, item.host, item.port, item.agent, item.session)
+                ApprovalEvent(
+                    "expired",
+                    item.id,
+                    item.host,
+                    item.port,
+                    item.agent,
+                    item.session,
+                    wait_ms=int((now - item.first_seen) * 1000),
+                )
             )
-        self._one_shots = {k: v for k, v in self._one_shots.items() if v[1] > now}
+            self._bus.publish("resolved", {**self.describe(item), "resolution": "expired"})
         return expired
 
     def _record(self, item: PendingItem, state: str) -> ApprovalRecord:

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def api_proxy(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def api_proxy(
+    upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("fuzz")
     policy = write_policy(tmp / "policy.yaml", upstreams)
     proc = start_proxy(tmp / "state", [policy], *resolve_args(), env=TOKEN_ENV)
@@ -31,15 +33,27 @@ def test_schemathesis_finds_no_server_errors(api_proxy: ProxyProcess, tmp_path: 
     command = [str(binary)] if binary.exists() else [shutil.which("schemathesis") or "schemathesis"]
     result = subprocess.run(
         [
-            *command, "run", f"{api_proxy.control_url}/openapi.json",
-            "--checks", "not_a_server_error",
-            "--header", f"Authorization: Bearer {TOKEN}",
-            "--exclude-path", "/v1/events",
-            "--max-examples", "25",
-            "--workers", "1",
-            "--seed", "1",
+            *command,
+            "run",
+            f"{api_proxy.control_url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--exclude-path",
+            "/v1/events",
+            "--max-examples",
+            "25",
+            "--workers",
+            "1",
+            "--seed",
+            "1",
         ],
-        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

@@ -22,7 +22,9 @@ PER_DESTINATION = 10
 
 
 @pytest.fixture(scope="module")
-def load_proxy(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def load_proxy(
+    upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("load")
     ports = sorted({80, 443, upstreams.http.port})
     policy = write_policy(
@@ -56,7 +58,9 @@ async def _scenario(proxy: ProxyProcess, upstreams: Upstreams) -> dict[str, floa
         httpx.AsyncClient(proxy=proxy.url, trust_env=False, timeout=90, limits=limits) as held,
         httpx.AsyncClient(proxy=proxy.url, trust_env=False, timeout=30) as fast,
         httpx.AsyncClient(
-            base_url=proxy.control_url, trust_env=False, timeout=30,
+            base_url=proxy.control_url,
+            trust_env=False,
+            timeout=30,
             headers={"Authorization": f"Bearer {TOKEN}"},
         ) as api,
     ):
@@ -77,7 +81,9 @@ async def _scenario(proxy: ProxyProcess, upstreams: Upstreams) -> dict[str, floa
         during = await _latencies(fast, allowed_url, 30)
         released = 0
         for item in pending:
-            answer = (await api.post(f"/v1/pending/{item['id']}/approve", json={"scope": "once"})).json()
+            answer = (
+                await api.post(f"/v1/pending/{item['id']}/approve", json={"scope": "once"})
+            ).json()
             released += answer["released"]
         responses = await asyncio.gather(*tasks)
     assert released == len(tasks)
