@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from dataclasses import replace
@@ -124,6 +125,9 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     _check_free(cfg.listen)
     control_sock = _bind(cfg.control)
     token = load_or_create_token(cfg.state_dir)
+    # A policy's `telemetry:` section fills in OTEL_* variables the environment does not set.
+    for name, value in policy.telemetry.items():
+        os.environ.setdefault(name, value)
     try:
         otel: OtelSink | None = build_otel_sink()
     except ValueError as exc:

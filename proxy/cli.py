@@ -78,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             mode=Mode(args.mode) if args.mode else None,
             resolve=resolve,
             store=args.store,
+            audit_retention=args.audit_retention,
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--store", metavar="URL", help="sqlite:///path or postgresql://...")
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
+    run.add_argument(
+        "--audit-retention",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="decision audit rows kept in the store (default 100000)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="dry run: how would URL be decided")

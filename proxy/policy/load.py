@@ -338,9 +338,11 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     block_private = True
     approval = ApprovalSettings()
     agent_defaults: dict[str, DefaultAction | None] = {}
+    telemetry: dict[str, str] = {}
     for doc in docs:
         spec = doc.spec
         given = spec.model_fields_set
+        telemetry.update(spec.telemetry.as_env())
         if "mode" in given:
             mode = spec.mode
         if "default" in given:
@@ -386,6 +388,7 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
         inspect=tuple(rule for d in docs for rule in d.inspect),
         agents=agents,
         files=tuple(d.file for d in docs),
+        telemetry=telemetry,
     )
 
 

@@ -112,6 +112,8 @@ class EffectivePolicy:
     inspect: tuple[InspectRule, ...]
     agents: Mapping[str, AgentPolicy]
     files: tuple[str, ...]
+    # `telemetry:` settings as the standard OTEL_* variables they stand for
+    telemetry: Mapping[str, str] = field(default_factory=dict)
     _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
     _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
 
@@ -220,6 +222,35 @@ class AgentSection(_Section):
     deny: list[StrictStr] = Field(default_factory=list)
 
 
+class TelemetrySection(_Section):
+    """OpenTelemetry export settings; each key mirrors a standard OTEL_* variable."""
+
+    endpoint: StrictStr | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT
+    protocol: Literal["grpc", "http/protobuf"] | None = None  # OTEL_EXPORTER_OTLP_PROTOCOL
+    headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # ..._OTLP_HEADERS
+    service_name: StrictStr | None = None  # OTEL_SERVICE_NAME
+    resource_attributes: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+
+    def as_env(self) -> dict[str, str]:
+        """The OTEL_* variables these settings stand for (only those set)."""
+        env: dict[str, str] = {}
+        if self.endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.endpoint
+        if self.protocol:
+            env["OTEL_EXPORTER_OTLP_PROTOCOL"] = self.protocol
+        if self.headers:
+            env["OTEL_EXPORTER_OTLP_HEADERS"] = ",".join(
+                f"{k}={v}" for k, v in self.headers.items()
+            )
+        if self.service_name:
+            env["OTEL_SERVICE_NAME"] = self.service_name
+        if self.resource_attributes:
+            env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(
+                f"{k}={v}" for k, v in self.resource_attributes.items()
+            )
+        return env
+
+
 class PolicyFile(_Section):
     """One policy file as written (SPEC section 3)."""
 
@@ -232,6 +263,7 @@ class PolicyFile(_Section):
     approval: ApprovalSection = Field(default_factory=ApprovalSection)
     inspect: list[InspectSection] = Field(default_factory=list)
     agents: dict[StrictStr, AgentSection] = Field(default_factory=dict)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
 
 
 @dataclass(frozen=True)

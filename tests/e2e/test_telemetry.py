@@ -320,3 +320,21 @@ def test_collector_down_or_hanging_does_not_slow_the_proxy(
     print(f"\nallowed p50 ms by collector state: {figures}")
     assert figures["down"] < 3 * figures["up"] + 5
     assert figures["hanging"] < 3 * figures["up"] + 5
+
+
+def test_policy_telemetry_section_configures_export(upstreams: Upstreams, tmp_path: Path) -> None:
+    receiver = GrpcReceiver()
+    body = _policy_text(upstreams) + (
+        f"telemetry:\n  endpoint: {receiver.endpoint}\n  protocol: grpc\n"
+        "  service_name: warden-from-config\n  resource_attributes: {team: platform}\n"
+    )
+    policy = write_policy(tmp_path / "policy.yaml", upstreams, body=body)
+    proxy = start_proxy(tmp_path / "state", [policy], *resolve_args(), env=TOKEN_ENV)
+    try:
+        assert _proxied(proxy, f"http://evil.test:{upstreams.http.port}/").status_code == 403
+        record = _one(receiver, "egress.decision", **{"egress.decision": "deny"})
+        assert record["resource"]["service.name"] == "warden-from-config"
+        assert record["resource"]["team"] == "platform"
+    finally:
+        proxy.stop()
+        receiver.close()

@@ -249,3 +249,28 @@ def test_default_ordering() -> None:
     assert (
         DefaultAction.DENY.looseness < DefaultAction.ASK.looseness < DefaultAction.ALLOW.looseness
     )
+
+
+def test_telemetry_section_maps_to_otel_variables(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "version: 1\ntelemetry:\n  endpoint: http://collector:4317\n  protocol: http/protobuf\n"
+        "  headers: {authorization: Bearer x}\n  service_name: warden\n"
+        "  resource_attributes: {env: prod, team: sec}\n"
+    )
+    policy = load_policies([path])
+    assert dict(policy.telemetry) == {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer x",
+        "OTEL_SERVICE_NAME": "warden",
+        "OTEL_RESOURCE_ATTRIBUTES": "env=prod,team=sec",
+    }
+
+
+def test_telemetry_section_rejects_unknown_protocol(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("version: 1\ntelemetry:\n  protocol: carrier-pigeon\n")
+    with pytest.raises(PolicyErrors) as info:
+        load_policies([path])
+    assert f"{path}:3:" in str(info.value)
