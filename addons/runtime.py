@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 import uvicorn
@@ -19,8 +20,10 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from mitmproxy.master import Master
 
 from addons.warden import EgressWarden
+from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.approvals import ApprovalQueue
 from proxy.audit import AuditSink, AuditWriter
+from proxy.auth import Authenticator
 from proxy.config import Endpoint, RunConfig
 from proxy.control.app import ControlContext, ReloadResult, create_app
 from proxy.control.token import load_or_create_token
@@ -30,13 +33,15 @@ from proxy.gate import Gate, PolicyState
 from proxy.grants import GrantIndex
 from proxy.hosts import IPAddress
 from proxy.netguard import Listener, NetGuard
-from proxy.policy.load import PolicyErrors, load_policies
+from proxy.policy.load import PolicyErrors
 from proxy.policy.model import EffectivePolicy
+from proxy.policy.requirements import load_effective
 from proxy.resolve import Resolver
 from proxy.store import StoreError, open_store
 from proxy.telemetry import PolicyEvent, Telemetry
 from proxy.telemetry.hub import Sink, StructlogSink
 from proxy.telemetry.otel import OtelSink, build_otel_sink
+from proxy.watch import FileWatcher
 
 log = structlog.get_logger("egress-warden")
 
@@ -85,29 +90,92 @@ def _proxy_options(cfg: RunConfig) -> options.Options:
     )
 
 
-class PolicyReloader:
-    """Re-reads the policy files; a bad file is rejected and the last good policy stays."""
+def agents_path(cfg: RunConfig, policy: EffectivePolicy) -> Path | None:
+    """The agents file in use: --agents, the policy's auth.agents_file, or <state>/agents.yaml."""
+    if cfg.agents_file is not None:
+        return cfg.agents_file
+    if policy.agents_file is not None:
+        return Path(policy.agents_file)
+    default = cfg.state_dir / "agents.yaml"
+    return default if default.exists() else None
 
-    def __init__(self, cfg: RunConfig, state: PolicyState, telemetry: Telemetry) -> None:
+
+def build_authenticator(cfg: RunConfig, policy: EffectivePolicy) -> Authenticator:
+    """Agents configured: claimed identities must verify; required unless the policy says not."""
+    path = agents_path(cfg, policy)
+    registry = AgentRegistry.load(path) if path is not None else None
+    required = policy.auth_required if policy.auth_required is not None else path is not None
+    return Authenticator(registry, required)
+
+
+class PolicyReloader:
+    """Re-reads policy, requirements and agents files; a bad file is rejected and the last
+    good version stays in force; held requests the new rules decide are answered."""
+
+    def __init__(
+        self, cfg: RunConfig, state: PolicyState, telemetry: Telemetry, gate: Gate | None = None
+    ) -> None:
         self._cfg = cfg
         self._state = state
         self._telemetry = telemetry
+        self.gate = gate
+        self._lock = asyncio.Lock()
 
-    def effective(self, policy: EffectivePolicy) -> EffectivePolicy:
-        return replace(policy, mode=self._cfg.mode) if self._cfg.mode is not None else policy
+    @property
+    def files(self) -> tuple[str, ...]:
+        paths = [*self._cfg.policy_files]
+        if self._cfg.requirements is not None:
+            paths.append(self._cfg.requirements)
+        return tuple(str(p) for p in paths)
+
+    def watched(self) -> list[Path]:
+        paths = [*self._cfg.policy_files]
+        if self._cfg.requirements is not None:
+            paths.append(self._cfg.requirements)
+        agents = agents_path(self._cfg, self._state.current) or self._cfg.state_dir / "agents.yaml"
+        paths.append(agents)
+        return paths
+
+    def effective(self, policy: EffectivePolicy, warnings: list[str]) -> EffectivePolicy:
+        if self._cfg.mode is None or self._cfg.mode is policy.mode:
+            return policy
+        if policy.mode_pinned:
+            warnings.append(f"--mode {self._cfg.mode.value} ignored: the requirements pin the mode")
+            return policy
+        return replace(policy, mode=self._cfg.mode)
+
+    def announce(self, warnings: list[str]) -> None:
+        self._telemetry.emit(PolicyEvent("loaded", self.files))
+        for warning in warnings:
+            self._telemetry.emit(PolicyEvent("warning", self.files, warning))
 
     async def reload(self) -> ReloadResult:
-        files = tuple(str(p) for p in self._cfg.policy_files)
-        try:
-            # Parsing is quick but touches the disk: keep it off the event loop.
-            policy = await asyncio.to_thread(load_policies, list(self._cfg.policy_files))
-        except PolicyErrors as errors:
-            messages = [str(e) for e in errors.errors]
-            self._telemetry.emit(PolicyEvent("rejected", files, "; ".join(messages)))
-            return ReloadResult(False, files, messages)
-        self._state.current = self.effective(policy)
-        self._telemetry.emit(PolicyEvent("loaded", files))
-        return ReloadResult(True, files, [])
+        async with self._lock:
+            files = self.files
+            try:
+                # Parsing is quick but touches the disk: keep it off the event loop.
+                policy, warnings = await asyncio.to_thread(
+                    load_effective, list(self._cfg.policy_files), self._cfg.requirements
+                )
+                auth = await asyncio.to_thread(build_authenticator, self._cfg, policy)
+            except PolicyErrors as errors:
+                messages = [str(e) for e in errors.errors]
+                self._telemetry.emit(PolicyEvent("rejected", files, "; ".join(messages)))
+                return ReloadResult(False, files, messages)
+            except AgentsFileError as exc:
+                self._telemetry.emit(PolicyEvent("rejected", files, str(exc)))
+                return ReloadResult(False, files, [str(exc)])
+            self._state.current = self.effective(policy, warnings)
+            if self.gate is not None:
+                self.gate.auth = auth
+            self.announce(warnings)
+        if self.gate is not None:
+            await self.gate.reevaluate_pending()
+        return ReloadResult(True, files, warnings)
+
+    async def on_files_changed(self, changed: list[Path]) -> None:
+        log.info("egress.policy.watch", changed=[str(p) for p in changed])
+        await self.reload()
 
 
 async def _expiry_loop(approvals: ApprovalQueue) -> None:
@@ -119,9 +187,13 @@ async def _expiry_loop(approvals: ApprovalQueue) -> None:
             log.warning("egress.store", error=str(exc))
 
 
-async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
+async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) -> int:
     """Run the proxy and the control API until SIGINT/SIGTERM. Returns the exit code."""
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        auth = build_authenticator(cfg, policy)
+    except AgentsFileError as exc:
+        raise StartupError(str(exc)) from exc
     _check_free(cfg.listen)
     control_sock = _bind(cfg.control)
     token = load_or_create_token(cfg.state_dir)
@@ -149,8 +221,9 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     telemetry = Telemetry(sinks)
     state = PolicyState(policy)
     reloader = PolicyReloader(cfg, state, telemetry)
-    state.current = reloader.effective(policy)
-    telemetry.emit(PolicyEvent("loaded", policy.files))
+    warnings = list(warnings)
+    state.current = reloader.effective(policy, warnings)
+    reloader.announce(warnings)
 
     grants = GrantIndex()
     grants.load(await store.list_grants())
@@ -158,7 +231,8 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     restored = await approvals.restore()
     if otel is not None:
         otel.watch_pending(approvals.pending_count)
-    gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals)
+    gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals, auth)
+    reloader.gate = gate
 
     master = Master(_proxy_options(cfg), event_loop=asyncio.get_running_loop())
     ps = proxyserver.Proxyserver()
@@ -193,12 +267,15 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
         bus=bus,
         reload=reloader.reload,
         facts_for=facts_from_url,
+        rules_changed=gate.reevaluate_pending,
     )
     control_cfg = uvicorn.Config(create_app(ctx), log_config=None, access_log=False, lifespan="off")
     control = uvicorn.Server(control_cfg)
     control_task = asyncio.create_task(control.serve(sockets=[control_sock]))
     audit.start()
     expiry_task = asyncio.create_task(_expiry_loop(approvals))
+    watcher = FileWatcher(reloader.watched(), reloader.on_files_changed)
+    watch_task = asyncio.create_task(watcher.run())
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -222,7 +299,9 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
             proxy=f"{proxy_addr[0]}:{proxy_addr[1]}",
             control=f"{control_addr[0]}:{control_addr[1]}",
             mode=state.current.mode.value,
-            rules=len(policy.allow) + len(policy.deny),
+            rules=len(state.current.allow) + len(state.current.deny),
+            auth="required" if auth.required else "optional",
+            agents=len(auth.registry) if auth.registry is not None else 0,
             grants=len(grants.all()),
             pending=restored,
             store=cfg.store_url.split("://", 1)[0],
@@ -232,7 +311,7 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy) -> int:
     try:
         await master.run()
     finally:
-        for task in (announce_task, expiry_task):
+        for task in (announce_task, expiry_task, watch_task):
             task.cancel()
         control.should_exit = True
         await asyncio.wait([control_task], timeout=5)

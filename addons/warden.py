@@ -131,7 +131,7 @@ class EgressWarden:
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        identity = _identity(request)
+        caller = self.gate.auth.identify(_identity(request))
         facts = RequestFacts(
             request_id=_new_request_id(),
             raw_host=request.host,
@@ -140,8 +140,10 @@ class EgressWarden:
             transport=Transport.HTTPS_CONNECT,
             method="CONNECT",
             scheme="https",
-            agent=identity.agent if identity else None,
-            session=identity.session if identity else None,
+            agent=caller.agent,
+            session=caller.session,
+            invalid="auth_required" if caller.failure else None,
+            invalid_detail=caller.failure or "",
             client_address=_client_address(flow.client_conn),
             traceparent=request.headers.get("traceparent"),
         )
@@ -163,11 +165,13 @@ class EgressWarden:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        identity = _identity(request)
+        caller = self.gate.auth.identify(_identity(request))
         for name in list(request.headers.keys()):
             if name.lower() == "proxy-authorization" or name.lower().startswith(_STRIPPED_PREFIX):
                 del request.headers[name]
         invalid, detail = self._check_host_header(request)
+        if caller.failure:
+            invalid, detail = "auth_required", caller.failure
         is_ws = request.headers.get("upgrade", "").lower() == "websocket"
         facts = RequestFacts(
             request_id=_new_request_id(),
@@ -178,8 +182,8 @@ class EgressWarden:
             method=request.method,
             scheme=request.scheme,
             path=request.path.partition("?")[0],
-            agent=identity.agent if identity else None,
-            session=identity.session if identity else None,
+            agent=caller.agent,
+            session=caller.session,
             client_address=_client_address(flow.client_conn),
             invalid=invalid,
             invalid_detail=detail,

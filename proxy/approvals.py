@@ -20,6 +20,7 @@ from proxy.telemetry import ApprovalEvent, Telemetry
 
 PendingKey = tuple[str | None, str, int]  # (agent, host, port)
 POLL_INTERVAL = 0.5  # how often a waiter checks that its client is still there
+POLICY_APPROVER = "policy"  # the approver recorded when a policy change resolves an item
 
 
 class ApprovalError(Exception):
@@ -363,6 +364,29 @@ class ApprovalQueue:
             await self._store.add_grant(grant)
         self._grants.add(grant)
         return grant
+
+    async def reevaluate(self, judge: Callable[[PendingItem], Outcome | None]) -> int:
+        """Resolve items that a policy or grant change now decides; returns how many."""
+        resolved = 0
+        for item in list(self._items.values()):
+            outcome = judge(item)
+            if outcome is None:
+                continue
+            try:
+                await self.resolve(
+                    item.id,
+                    outcome,
+                    scope=Scope.ONCE,
+                    grant_for=GrantFor.AGENT,
+                    note="decided by a policy or grant change",
+                    approver=POLICY_APPROVER,
+                    allowed_scopes=frozenset(Scope),
+                    reviewer="auto",
+                )
+            except ApprovalError:
+                continue  # resolved meanwhile by someone else
+            resolved += 1
+        return resolved
 
     async def expire(self) -> list[PendingItem]:
         """Drop items past their pending_ttl (emits `expired`)."""

@@ -8,21 +8,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.config import RunConfig, parse_endpoint
 from proxy.control.client import add_client_commands
 from proxy.decide import Verdict, decide
 from proxy.facts import facts_from_url
 from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy, Mode
+from proxy.policy.requirements import load_effective, load_requirements
 from proxy.resolve import parse_resolve_option
 
 DEFAULT_POLICY = Path("policies/default.yaml")
 EXIT_FOR_VERDICT = {Verdict.ALLOW: 0, Verdict.DENY: 1, Verdict.HOLD: 3}
 
 
-def _load(paths: Sequence[str]) -> EffectivePolicy:
+def _load(
+    paths: Sequence[str], requirements: str | None = None
+) -> tuple[EffectivePolicy, list[str]]:
     files = [Path(p) for p in paths] or [DEFAULT_POLICY]
-    return load_policies(files)
+    return load_effective(files, Path(requirements) if requirements else None)
 
 
 def _print_policy_errors(errors: PolicyErrors) -> None:
@@ -34,7 +38,10 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
-            load_policies([Path(path)])
+            if args.requirements:
+                load_requirements(Path(path))
+            else:
+                load_policies([Path(path)])
         except PolicyErrors as errors:
             _print_policy_errors(errors)
             status = 2
@@ -45,10 +52,12 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        policy = _load(args.policy)
+        policy, warnings = _load(args.policy, args.requirements)
     except PolicyErrors as errors:
         _print_policy_errors(errors)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     facts = facts_from_url(args.url, args.method, args.agent)
     decision = decide(facts, policy)
     print(f"decision: {decision.verdict.value}")
@@ -63,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        policy = _load(args.policy)
+        policy, warnings = _load(args.policy, args.requirements)
     except PolicyErrors as errors:
         _print_policy_errors(errors)
         print("egress-warden: refusing to start without a valid policy", file=sys.stderr)
@@ -76,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             control=parse_endpoint(args.control),
             state_dir=Path(args.state_dir),
             mode=Mode(args.mode) if args.mode else None,
+            requirements=Path(args.requirements) if args.requirements else None,
+            agents_file=Path(args.agents) if args.agents else None,
             resolve=resolve,
             store=args.store,
             audit_retention=args.audit_retention,
@@ -89,12 +100,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        return asyncio.run(serve(cfg, policy))
+        return asyncio.run(serve(cfg, policy, warnings))
     except StartupError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
         return 1
     finally:
         flush_logging()
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    path = Path(args.file) if args.file else Path(args.state_dir) / "agents.yaml"
+    try:
+        registry = AgentRegistry.load(path)
+        if args.agents_command == "add":
+            token = registry.add(args.agent_id)
+            print(f"agent {args.agent_id} added to {path}; its token (shown only once):")
+            print(token)
+            print(
+                f"point it at the proxy with HTTPS_PROXY=http://{args.agent_id}:{token}@HOST:PORT",
+                file=sys.stderr,
+            )
+        elif args.agents_command == "revoke":
+            if not registry.revoke(args.agent_id):
+                print(f"egress-warden: no agent {args.agent_id!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"agent {args.agent_id} revoked")
+        else:
+            entries = registry.entries()
+            if not entries:
+                print(f"no agents in {path}")
+            for entry in entries:
+                print(f"{entry.agent:32}  created {entry.created_at}")
+    except AgentsFileError as exc:
+        print(f"egress-warden: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -117,11 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start the proxy and the control API")
     run.add_argument("--policy", action="append", default=[], metavar="FILE")
+    run.add_argument("--requirements", metavar="FILE", help="admin-managed requirements file")
+    run.add_argument("--agents", metavar="FILE", help="agents file (default <state>/agents.yaml)")
     run.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     run.add_argument("--control", default="127.0.0.1:8081", metavar="HOST:PORT")
-    store = run.add_mutually_exclusive_group()
-    store.add_argument("--state-dir", default=".state", metavar="DIR")
-    store.add_argument("--store", metavar="URL", help="sqlite:///path or postgresql://...")
+    run.add_argument(
+        "--state-dir",
+        default=".state",
+        metavar="DIR",
+        help="CA, control token, agents file and (without --store) the SQLite database",
+    )
+    run.add_argument(
+        "--store", metavar="URL", help="sqlite:///path or postgresql://... (default: state dir)"
+    )
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
     run.add_argument(
@@ -138,18 +186,36 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--method", default="GET")
     check.add_argument("--agent")
     check.add_argument("--policy", action="append", default=[], metavar="FILE")
+    check.add_argument("--requirements", metavar="FILE")
     check.set_defaults(func=cmd_check)
 
     policy = sub.add_parser("policy", help="policy file tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_sub.add_parser("validate", help="validate policy files")
     validate.add_argument("files", nargs="+")
+    validate.add_argument(
+        "--requirements", action="store_true", help="validate as requirements files"
+    )
     validate.set_defaults(func=cmd_policy_validate)
 
     ca = sub.add_parser("ca", help="the interception CA certificate")
     ca.add_argument("what", choices=["path", "env"])
     ca.add_argument("--state-dir", default=".state", metavar="DIR")
     ca.set_defaults(func=cmd_ca)
+
+    agents = sub.add_parser("agents", help="manage agent identities and tokens")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True)
+    for name, helptext in (
+        ("add", "create an agent (or rotate its token); prints the token once"),
+        ("list", "list agents"),
+        ("revoke", "remove an agent"),
+    ):
+        p = agents_sub.add_parser(name, help=helptext)
+        if name != "list":
+            p.add_argument("agent_id", metavar="ID")
+        p.add_argument("--file", metavar="FILE", help="agents file (default <state>/agents.yaml)")
+        p.add_argument("--state-dir", default=".state", metavar="DIR")
+        p.set_defaults(func=cmd_agents)
 
     add_client_commands(sub)
     return parser

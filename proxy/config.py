@@ -33,6 +33,8 @@ class RunConfig:
     control: Endpoint
     state_dir: Path
     mode: Mode | None = None
+    requirements: Path | None = None
+    agents_file: Path | None = None
     resolve: dict[str, IPAddress] = field(default_factory=dict)
     store: str | None = None  # default: sqlite:///<state_dir>/warden.db
     audit_retention: int = 100_000  # decision rows kept in the store

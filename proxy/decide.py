@@ -92,7 +92,12 @@ def decide(
     """
     decision = _decide_enforced(facts, policy, grants, address, guard)
     if policy.mode is Mode.AUDIT and decision.verdict is not Verdict.ALLOW:
-        if decision.reason in (Reason.INVALID_HOST, Reason.INVALID_REQUEST, Reason.DNS_FAILURE):
+        if decision.reason in (
+            Reason.INVALID_HOST,
+            Reason.INVALID_REQUEST,
+            Reason.DNS_FAILURE,
+            Reason.AUTH_REQUIRED,
+        ):
             return decision  # nothing sensible can be dialled: stays denied even in audit
         return Decision(
             Verdict.ALLOW,
@@ -136,7 +141,8 @@ def _decide_enforced(
     allow_sets = [policy.allow]
     if agent is not None:
         allow_sets.append(agent.allow)
-    allow_sets.extend(g.allow for g in grants)
+    if not policy.managed_only:  # managed_only: only the requirements' allows count
+        allow_sets.extend(g.allow for g in grants)
     allow_rule = _first_match(allow_sets, facts)
 
     # 3. port: allowed when listed in network.ports or named by a matching allow rule

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.approvals import ApprovalQueue, Outcome
+from proxy.approvals import POLICY_APPROVER, ApprovalQueue, Outcome
 from proxy.approvals import Verdict as ApprovalVerdict
+from proxy.auth import Authenticator
 from proxy.decide import Decision, Reason, Verdict, decide
-from proxy.facts import RequestFacts
+from proxy.facts import RequestFacts, Transport
 from proxy.grants import GrantIndex
-from proxy.hosts import IPAddress
+from proxy.hosts import IPAddress, canonicalize_host
 from proxy.netguard import NetGuard
 from proxy.policy.model import EffectivePolicy
 from proxy.records import PendingItem
@@ -58,6 +59,7 @@ class Gate:
         telemetry: Telemetry,
         grants: GrantIndex | None = None,
         approvals: ApprovalQueue | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.policy = policy
         self.resolver = resolver
@@ -65,6 +67,7 @@ class Gate:
         self.telemetry = telemetry
         self.grants = grants or GrantIndex()
         self.approvals = approvals
+        self.auth = auth or Authenticator()
 
     def _emit(self, facts: RequestFacts, admission: Admission) -> None:
         self.telemetry.emit(
@@ -86,6 +89,33 @@ class Gate:
             self._emit(facts, admission)
             return admission
         return await self._hold(facts, admission, client_gone)
+
+    def judge_pending(self, item: PendingItem) -> Outcome | None:
+        """How the rules in force now decide a pending item (None: still a miss)."""
+        facts = RequestFacts(
+            request_id="reevaluate",
+            raw_host=item.host,
+            host=canonicalize_host(item.host),
+            port=item.port,
+            transport=Transport.HTTPS_CONNECT if item.method == "CONNECT" else Transport.HTTP,
+            method=item.method,
+            scheme=item.scheme,
+            agent=item.agent,
+            session=item.session,
+        )
+        grants = self.grants.rules_for(item.agent, item.session)
+        decision = decide(facts, self.policy.current, grants=grants, guard=self.guard)
+        if decision.verdict is Verdict.ALLOW:
+            return Outcome.APPROVED
+        if decision.verdict is Verdict.DENY:
+            return Outcome.DENIED
+        return None
+
+    async def reevaluate_pending(self) -> int:
+        """After a policy or grant change: answer held requests the new rules decide."""
+        if self.approvals is None:
+            return 0
+        return await self.approvals.reevaluate(self.judge_pending)
 
     async def _decide(self, facts: RequestFacts) -> Admission:
         policy = self.policy.current
@@ -131,6 +161,12 @@ class Gate:
                 Reason.APPROVAL_PENDING,
                 detail="client went away" if result.abandoned else "no answer in time",
             )
+        elif result.verdict.approver == POLICY_APPROVER:
+            # Released by a policy or grant change: the new rules decide, with their provenance.
+            again = await self._decide(facts)
+            decision = again.decision
+            if decision.verdict is Verdict.HOLD:
+                decision = Decision(Verdict.DENY, Reason.APPROVAL_PENDING, detail="still unknown")
         else:
             decision = _after_approval(result.verdict)
         admission = Admission(decision, held.address, result.item.id)

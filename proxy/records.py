@@ -77,6 +77,7 @@ class ApprovalRecord:
     note: str
     wait_ms: int | None
     at: float
+    grant_id: str | None = None  # the grant an approval or denial created, if any
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,8 @@ def summary(decision: Decision, facts: RequestFacts, pending_id: str | None = No
             return f"{target} denied by an approver"
         case Reason.DNS_FAILURE:
             return f"{target} could not be resolved"
+        case Reason.AUTH_REQUIRED:
+            return f"{target}: {decision.detail}"
         case _:
             return f"{target} denied: {decision.detail or decision.reason.value}"
 
@@ -68,9 +70,11 @@ def render_refusal(
     decision: Decision, facts: RequestFacts, pending_id: str | None = None
 ) -> Refusal:
     """Render the 403 (or 502 for DNS failure) an agent gets for a refused request."""
-    status = 502 if decision.reason is Reason.DNS_FAILURE else 403
+    status = {Reason.DNS_FAILURE: 502, Reason.AUTH_REQUIRED: 407}.get(decision.reason, 403)
     line = summary(decision, facts, pending_id)
-    prefix = "Blocked by egress policy" if status == 403 else "Egress failed"
+    prefix = {502: "Egress failed", 407: "Proxy authentication required"}.get(
+        status, "Blocked by egress policy"
+    )
     error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
     headers: list[tuple[str, str]] = [
         ("Content-Type", "text/plain; charset=utf-8"),
@@ -82,6 +86,8 @@ def render_refusal(
     ]
     if pending_id:
         headers.append(("X-Egress-Warden-Pending-Id", pending_id))
+    if status == 407:
+        headers.append(("Proxy-Authenticate", 'Basic realm="egress-warden"'))
     lines = [
         f"egress-warden: {prefix.lower()}: {line}",
         "",
@@ -94,6 +100,11 @@ def render_refusal(
         lines.append(f"  pending id:  {pending_id}")
     lines.append(f"  request id:  {facts.request_id}")
     body = "\n".join(lines) + "\n"
-    if decision.reason not in (Reason.DNS_FAILURE, Reason.INVALID_HOST, Reason.INVALID_REQUEST):
+    if status == 407:
+        body += (
+            "\nSend Proxy-Authorization: Basic with username AGENT (or AGENT/SESSION) and the\n"
+            "agent's token as password, e.g. HTTPS_PROXY=http://AGENT:TOKEN@proxy:8080\n"
+        )
+    elif decision.reason not in (Reason.DNS_FAILURE, Reason.INVALID_HOST, Reason.INVALID_REQUEST):
         body += "\n" + _HOW_TO_ASK
     return Refusal(status, _phrase_text(f"{prefix}: {line}"), tuple(headers), body)

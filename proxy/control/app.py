@@ -61,6 +61,7 @@ class ControlContext:
     bus: EventBus
     reload: Callable[[], Awaitable[ReloadResult]]
     facts_for: Callable[[str, str, str | None], RequestFacts]
+    rules_changed: Callable[[], Awaitable[int]]  # answers held requests the new rules decide
 
 
 # -- request bodies -------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
         if grant.scope is Scope.ALWAYS:
             await ctx.store.add_grant(grant)
         ctx.grants.add(grant)
+        await ctx.rules_changed()
         return grant_json(grant)
 
     @v1.delete("/grants/{grant_id}", tags=["grants"])

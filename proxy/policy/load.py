@@ -243,7 +243,7 @@ def _read(path: Path, file: str) -> str:
         raise PolicyErrors([PolicyError(file, line, "file is not valid UTF-8")]) from None
 
 
-def load_policy_file(path: str | Path) -> PolicyDocument:
+def load_policy_file(path: str | Path, schema: type[PolicyFile] = PolicyFile) -> PolicyDocument:
     """Read and validate one policy file; raise PolicyErrors listing every problem found."""
     file = str(path)
     text = _read(Path(path), file)
@@ -275,7 +275,7 @@ def load_policy_file(path: str | Path) -> PolicyDocument:
 
     spec: PolicyFile | None = None
     try:
-        spec = PolicyFile.model_validate(data)
+        spec = schema.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             loc: Loc = tuple(error["loc"])
@@ -339,10 +339,16 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     approval = ApprovalSettings()
     agent_defaults: dict[str, DefaultAction | None] = {}
     telemetry: dict[str, str] = {}
+    agents_file: str | None = None
+    auth_required: bool | None = None
     for doc in docs:
         spec = doc.spec
         given = spec.model_fields_set
         telemetry.update(spec.telemetry.as_env())
+        if spec.auth.agents_file is not None:
+            agents_file = str(Path(doc.file).parent / Path(spec.auth.agents_file).expanduser())
+        if spec.auth.required is not None:
+            auth_required = spec.auth.required
         if "mode" in given:
             mode = spec.mode
         if "default" in given:
@@ -389,6 +395,8 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
         agents=agents,
         files=tuple(d.file for d in docs),
         telemetry=telemetry,
+        agents_file=agents_file,
+        auth_required=auth_required,
     )
 
 

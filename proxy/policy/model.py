@@ -114,6 +114,10 @@ class EffectivePolicy:
     files: tuple[str, ...]
     # `telemetry:` settings as the standard OTEL_* variables they stand for
     telemetry: Mapping[str, str] = field(default_factory=dict)
+    managed_only: bool = False  # set by a requirements file: only its allows count, no asking
+    agents_file: str | None = None  # `auth.agents_file`, resolved against its policy file
+    auth_required: bool | None = None  # `auth.required`; None: required iff agents are configured
+    mode_pinned: bool = False  # a requirements file set the mode: nothing may switch it
     _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
     _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
 
@@ -251,6 +255,13 @@ class TelemetrySection(_Section):
         return env
 
 
+class AuthSection(_Section):
+    """Agent authentication: where the agents file is, and whether credentials are required."""
+
+    agents_file: StrictStr | None = None
+    required: StrictBool | None = None
+
+
 class PolicyFile(_Section):
     """One policy file as written (SPEC section 3)."""
 
@@ -264,6 +275,14 @@ class PolicyFile(_Section):
     inspect: list[InspectSection] = Field(default_factory=list)
     agents: dict[StrictStr, AgentSection] = Field(default_factory=dict)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+
+
+class RequirementsFile(PolicyFile):
+    """An admin-managed requirements file: the policy schema plus the caps (SPEC section 3)."""
+
+    managed_only: StrictBool = False
+    max_default: DefaultAction | None = None
 
 
 @dataclass(frozen=True)

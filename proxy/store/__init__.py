@@ -4,9 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy.store.base import Store, StoreError
+from proxy.store.base import (
+    CHANNEL_GRANTS,
+    CHANNEL_PENDING,
+    CHANNEL_RESOLVED,
+    CHANNELS,
+    RESYNC_PAYLOAD,
+    NotifyCallback,
+    Store,
+    StoreError,
+)
 
-__all__ = ["Store", "StoreError", "open_store", "sqlite_path"]
+__all__ = [
+    "CHANNELS",
+    "CHANNEL_GRANTS",
+    "CHANNEL_PENDING",
+    "CHANNEL_RESOLVED",
+    "RESYNC_PAYLOAD",
+    "NotifyCallback",
+    "Store",
+    "StoreError",
+    "open_store",
+    "sqlite_path",
+]
 
 _HINT = "use sqlite:///absolute/path.db, sqlite:relative/path.db or postgresql://..."
 
@@ -31,7 +51,11 @@ async def open_store(url: str) -> Store:
 
         return await SqliteStore.open(sqlite_path(url))
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        raise StoreError("PostgreSQL store is not available yet")
+        from proxy.store.postgres import PostgresStore
+
+        # asyncpg knows postgresql:// and postgres:// only; accept SQLAlchemy-style
+        # postgresql+driver:// URLs too, since people copy them from other tools.
+        return await PostgresStore.open("postgresql:" + url.split(":", 1)[1])
     # Never echo the whole URL: it may carry a password.
     shown = f"scheme {scheme!r}" if scheme else "a URL without a scheme"
     raise StoreError(f"unsupported --store {shown}; {_HINT}")

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol, runtime_checkable
 
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, PendingItem
 
 
 class StoreError(Exception):
     """The state store cannot be opened or used; the message says what to do about it."""
+
+
+# Fleet notification channels (PostgreSQL LISTEN/NOTIFY names).
+CHANNEL_PENDING: Final = "egress_pending"  # a pending item was created or joined
+CHANNEL_RESOLVED: Final = "egress_resolved"  # a pending item was approved, denied or expired
+CHANNEL_GRANTS: Final = "egress_grants"  # grants were added or deleted
+CHANNELS: Final = (CHANNEL_PENDING, CHANNEL_RESOLVED, CHANNEL_GRANTS)
+# Delivered to every subscriber on every channel after the listener reconnects: notifications
+# sent during the outage are lost, so subscribers should re-read the state they cache.
+RESYNC_PAYLOAD: Final = ""
+
+NotifyCallback = Callable[[str, str], None]
 
 
 @runtime_checkable
@@ -20,9 +32,17 @@ class Store(Protocol):
         """Release the connection; the store must not be used afterwards."""
         ...
 
-    # grants (only scope=always grants are stored; the caller keeps session grants in memory)
+    async def ping(self) -> bool:
+        """True when the store answers a trivial query right now; never raises."""
+        ...
+
+    # grants (scope=always grants, and scope=once grants used as one-shot passes shared by
+    # replicas; the caller keeps session grants in memory)
     async def add_grant(self, grant: Grant) -> None:
-        """Persist an `always` grant (replacing one with the same id)."""
+        """Persist an `always` or `once` grant (replacing one with the same id).
+
+        Raises ValueError for a `session` grant.
+        """
         ...
 
     async def list_grants(self, now: float | None = None) -> list[Grant]:
@@ -33,9 +53,31 @@ class Store(Protocol):
         """Delete a grant; False when the id is unknown."""
         ...
 
+    async def consume_grant(self, grant_id: str) -> bool:
+        """Use up a (once) grant: delete it; True for exactly one of any concurrent callers."""
+        ...
+
     # pending items
     async def upsert_pending(self, item: PendingItem) -> None:
-        """Insert a pending item or replace the one with the same id."""
+        """Insert a pending item or replace the one with the same id.
+
+        A different item holding the same (agent, host, port) is replaced as well: there is at
+        most one pending item per key.
+        """
+        ...
+
+    async def join_pending(self, item: PendingItem) -> tuple[PendingItem, bool]:
+        """Atomically join the live pending item for item's (agent, host, port), or create it.
+
+        When a row for the key has expires_at > item.last_seen it is updated (last_seen =
+        item.last_seen, count + 1, expires_at = the later of both) and returned with False.
+        Otherwise `item` (whose id must be fresh) is stored, replacing an expired row for the
+        key, and returned with True. Race-free across processes and replicas.
+        """
+        ...
+
+    async def claim_pending(self, item_id: str) -> PendingItem | None:
+        """Atomically delete and return a pending item; exactly one concurrent caller gets it."""
         ...
 
     async def get_pending(self, item_id: str) -> PendingItem | None:
@@ -63,6 +105,10 @@ class Store(Protocol):
         """The newest `limit` approval-history rows, newest first."""
         ...
 
+    async def latest_approval(self, item_id: str) -> ApprovalRecord | None:
+        """The newest approval-history row for this pending item id, or None."""
+        ...
+
     # decision audit (append-heavy: called with batches)
     async def record_decisions(self, records: Sequence[DecisionRecord]) -> None:
         """Append a batch of decision audit rows in one transaction."""
@@ -76,4 +122,17 @@ class Store(Protocol):
 
     async def prune_decisions(self, keep: int) -> int:
         """Keep the newest `keep` decision rows; return how many were deleted."""
+        ...
+
+    # fleet signalling
+    async def notify(self, channel: str, payload: str) -> None:
+        """Signal every replica sharing the store (PostgreSQL NOTIFY; a no-op for SQLite)."""
+        ...
+
+    def subscribe(self, callback: NotifyCallback) -> None:
+        """Call `callback(channel, payload)` on the event loop for each notification on CHANNELS.
+
+        After a lost listener connection is re-established, each callback also gets
+        (channel, RESYNC_PAYLOAD) once per channel. SQLite never calls it.
+        """
         ...

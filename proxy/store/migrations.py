@@ -116,6 +116,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX decisions_at ON decisions (at)",
         ),
     ),
+    Migration(
+        version=2,
+        description="fleet: approvals.grant_id, one pending item per (agent, host, port)",
+        statements=(
+            "ALTER TABLE approvals ADD COLUMN grant_id TEXT",
+            # agent is nullable and NULLs never collide in a UNIQUE index, so the key uses a
+            # normalised copy the store writes alongside agent ('' for no agent).
+            "ALTER TABLE pending ADD COLUMN agent_key TEXT NOT NULL DEFAULT ''",
+            "UPDATE pending SET agent_key = COALESCE(agent, '')",
+            # Version 1 did not enforce one item per key; keep the one expiring last (then the
+            # greatest id) so the unique index can be built.
+            """DELETE FROM pending WHERE EXISTS (
+                SELECT 1 FROM pending AS other
+                WHERE other.agent_key = pending.agent_key
+                  AND other.host = pending.host
+                  AND other.port = pending.port
+                  AND (other.expires_at > pending.expires_at
+                       OR (other.expires_at = pending.expires_at AND other.id > pending.id))
+            )""",
+            "CREATE UNIQUE INDEX pending_key ON pending (agent_key, host, port)",
+        ),
+    ),
 )
 
 LATEST_VERSION: int = MIGRATIONS[-1].version

@@ -1,4 +1,8 @@
-"""SQLite state store (aiosqlite, WAL): one connection, one write transaction at a time."""
+"""SQLite state store (aiosqlite, WAL): one connection, one write transaction at a time.
+
+The SQL here (with `?` placeholders) is shared with the PostgreSQL store, which renumbers the
+placeholders: keep it portable (SQLite >= 3.35 for RETURNING, PostgreSQL >= 12).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import aiosqlite
 
 from proxy.policy.model import Action, Scope
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
-from proxy.store.base import StoreError
+from proxy.store.base import NotifyCallback, StoreError
 from proxy.store.migrations import (
     CURRENT_VERSION_SQL,
     SCHEMA_VERSION_DDL,
@@ -24,14 +28,20 @@ from proxy.store.migrations import (
 )
 
 BUSY_TIMEOUT_MS = 5000
+PING_TIMEOUT = 2.0
+MIN_SQLITE = (3, 35, 0)  # INSERT ... ON CONFLICT ... RETURNING and DELETE ... RETURNING
+STORED_SCOPES = frozenset({Scope.ALWAYS, Scope.ONCE})
 
 _GRANT_COLS = "id, pattern, action, scope, agent, created_by, note, created_at, expires_at, session"
 _PENDING_COLS = (
     "id, host, port, scheme, method, agent, session, first_seen, last_seen, count, "
     "expires_at, review"
 )
+# What a write stores: the read columns plus the normalised uniqueness key (see migration 2).
+_PENDING_WRITE_COLS = f"{_PENDING_COLS}, agent_key"
 _APPROVAL_COLS = (
-    "id, state, host, port, agent, scope, grant_for, approver, reviewer, note, wait_ms, at"
+    "id, state, host, port, agent, scope, grant_for, approver, reviewer, note, wait_ms, at, "
+    "grant_id"
 )
 _DECISION_COLS = (
     "request_id, at, decision, reason, host, port, method, transport, agent, session, rule, "
@@ -53,6 +63,80 @@ def _upsert_sql(table: str, cols: str) -> str:
         f"INSERT INTO {table} ({cols}) VALUES ({_marks(cols)}) "
         f"ON CONFLICT (id) DO UPDATE SET {updates}"
     )
+
+
+def _pending_upsert_sql() -> str:
+    """Store an item, replacing whichever row holds its (agent_key, host, port)."""
+    updates = ", ".join(
+        f"{n} = excluded.{n}"
+        for n in (c.strip() for c in _PENDING_COLS.split(","))
+        if n not in ("host", "port")
+    )
+    return (
+        f"INSERT INTO pending ({_PENDING_WRITE_COLS}) VALUES ({_marks(_PENDING_WRITE_COLS)}) "
+        f"ON CONFLICT (agent_key, host, port) DO UPDATE SET {updates}"
+    )
+
+
+def _pending_join_sql() -> str:
+    """One atomic statement: join the live row for the key, or replace an expired one.
+
+    SET expressions see the row as it was before the update (SQLite and PostgreSQL alike), so
+    every column can test the same liveness condition.
+    """
+    live = "pending.expires_at > excluded.last_seen"
+
+    def keep(col: str) -> str:
+        return f"{col} = CASE WHEN {live} THEN pending.{col} ELSE excluded.{col} END"
+
+    updates = ", ".join(
+        [
+            *(
+                keep(c)
+                for c in ("id", "scheme", "method", "agent", "session", "first_seen", "review")
+            ),
+            "last_seen = excluded.last_seen",
+            f"count = CASE WHEN {live} THEN pending.count + 1 ELSE excluded.count END",
+            # max() is spelt GREATEST() in PostgreSQL; CASE is portable.
+            f"expires_at = CASE WHEN {live} AND pending.expires_at > excluded.expires_at "
+            "THEN pending.expires_at ELSE excluded.expires_at END",
+        ]
+    )
+    return (
+        f"INSERT INTO pending ({_PENDING_WRITE_COLS}) VALUES ({_marks(_PENDING_WRITE_COLS)}) "
+        f"ON CONFLICT (agent_key, host, port) DO UPDATE SET {updates} "
+        f"RETURNING {_PENDING_COLS}"
+    )
+
+
+# An item's key never changes in practice; if a caller re-keys an id, drop the old row first so
+# the key upsert cannot collide on the primary key.
+PENDING_REKEY_SQL = (
+    "DELETE FROM pending WHERE id = ? AND NOT (agent_key = ? AND host = ? AND port = ?)"
+)
+GRANT_UPSERT_SQL = _upsert_sql("grants", _GRANT_COLS)
+PENDING_UPSERT_SQL = _pending_upsert_sql()
+PENDING_JOIN_SQL = _pending_join_sql()
+PENDING_CLAIM_SQL = f"DELETE FROM pending WHERE id = ? RETURNING {_PENDING_COLS}"
+APPROVAL_INSERT_SQL = f"INSERT INTO approvals ({_APPROVAL_COLS}) VALUES ({_marks(_APPROVAL_COLS)})"
+APPROVAL_LATEST_SQL = (
+    f"SELECT {_APPROVAL_COLS} FROM approvals WHERE id = ? ORDER BY seq DESC LIMIT 1"
+)
+
+
+def _rekey_params(p: PendingItem) -> tuple[Any, ...]:
+    return (p.id, _agent_key(p.agent), p.host, p.port)
+
+
+def _agent_key(agent: str | None) -> str:
+    return agent or ""
+
+
+def _check_grant_scope(grant: Grant) -> None:
+    if grant.scope not in STORED_SCOPES:
+        raise ValueError(
+            f"only scope=always and scope=once grants are stored, got {grant.scope.value}"
+        )
 
 
 def _enum_value(value: Scope | GrantFor | None) -> str | None:
@@ -103,6 +187,7 @@ def _pending_params(p: PendingItem) -> tuple[Any, ...]:
         p.count,
         p.expires_at,
         p.review,
+        _agent_key(p.agent),
     )
 
 
@@ -137,6 +222,7 @@ def _approval_params(a: ApprovalRecord) -> tuple[Any, ...]:
         a.note,
         a.wait_ms,
         a.at,
+        a.grant_id,
     )
 
 
@@ -154,6 +240,7 @@ def _approval_from(r: Row) -> ApprovalRecord:
         note=r[9],
         wait_ms=r[10],
         at=r[11],
+        grant_id=r[12],
     )
 
 
@@ -240,10 +327,19 @@ class SqliteStore:
         self.path = path
         self._lock = asyncio.Lock()
         self._closed = False
+        # Kept only so subscribe() is well-defined: one SQLite file has no fleet to hear from
+        # (worker processes on one host re-read the shared file instead).
+        self._subscribers: list[NotifyCallback] = []
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         """Open (creating if needed) the database at `path` and bring its schema up to date."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            need = ".".join(map(str, MIN_SQLITE))
+            raise StoreError(
+                f"cannot open state database {path}: SQLite {sqlite3.sqlite_version} is too old "
+                f"(need >= {need}); upgrade the system SQLite or use --store postgresql://..."
+            )
         try:
             path = await asyncio.to_thread(_prepare, Path(path))
             # isolation_level=None: no implicit transactions; we BEGIN/COMMIT explicitly.
@@ -252,8 +348,7 @@ class SqliteStore:
             raise StoreError(f"cannot open state database {path}: {_reason(exc)}") from exc
         try:
             await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            async with conn.execute("PRAGMA journal_mode = WAL") as cur:
-                row = await cur.fetchone()
+            row = await _enable_wal(conn)
             if row is None or str(row[0]).lower() != "wal":
                 mode = None if row is None else row[0]
                 raise StoreError(
@@ -279,6 +374,17 @@ class SqliteStore:
         self._closed = True
         async with self._lock:
             await self._conn.close()
+
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query within PING_TIMEOUT; never raises."""
+        if self._closed:
+            return False
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self._fetchall("SELECT 1")
+        except Exception:
+            return False
+        return True
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -323,11 +429,10 @@ class SqliteStore:
     # --- grants -------------------------------------------------------------------------------
 
     async def add_grant(self, grant: Grant) -> None:
-        """Persist an `always` grant (replacing one with the same id)."""
-        if grant.scope is not Scope.ALWAYS:
-            raise ValueError(f"only scope=always grants are stored, got {grant.scope.value}")
+        """Persist an `always` or `once` grant (replacing one with the same id)."""
+        _check_grant_scope(grant)
         async with self._write() as conn:
-            await conn.execute(_upsert_sql("grants", _GRANT_COLS), _grant_params(grant))
+            await conn.execute(GRANT_UPSERT_SQL, _grant_params(grant))
 
     async def list_grants(self, now: float | None = None) -> list[Grant]:
         """Grants not expired at `now` (default: the current time), oldest first."""
@@ -343,12 +448,38 @@ class SqliteStore:
         """Delete a grant; False when the id is unknown."""
         return await self._delete_by_id("grants", grant_id)
 
+    async def consume_grant(self, grant_id: str) -> bool:
+        """Use up a grant: True for exactly one caller (the write lock serialises processes)."""
+        return await self._delete_by_id("grants", grant_id)
+
     # --- pending items ------------------------------------------------------------------------
 
     async def upsert_pending(self, item: PendingItem) -> None:
-        """Insert a pending item or replace the one with the same id."""
+        """Insert a pending item or replace the one with the same id or the same key."""
         async with self._write() as conn:
-            await conn.execute(_upsert_sql("pending", _PENDING_COLS), _pending_params(item))
+            await conn.execute(PENDING_REKEY_SQL, _rekey_params(item))
+            await conn.execute(PENDING_UPSERT_SQL, _pending_params(item))
+
+    async def join_pending(self, item: PendingItem) -> tuple[PendingItem, bool]:
+        """Join the live item for item's (agent, host, port) or store `item`; True if created."""
+        async with (
+            self._write() as conn,
+            conn.execute(PENDING_JOIN_SQL, _pending_params(item)) as cur,
+        ):
+            row = await cur.fetchone()
+        if row is None:  # RETURNING always yields the inserted or updated row
+            raise StoreError(f"state database {self.path}: join_pending returned no row")
+        got = _pending_from(row)
+        return got, got.id == item.id
+
+    async def claim_pending(self, item_id: str) -> PendingItem | None:
+        """Delete and return a pending item; None when another caller claimed it first."""
+        async with (
+            self._write() as conn,
+            conn.execute(PENDING_CLAIM_SQL, (item_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None else _pending_from(row)
 
     async def get_pending(self, item_id: str) -> PendingItem | None:
         """The pending item with this id (expired or not), or None."""
@@ -385,10 +516,7 @@ class SqliteStore:
     async def record_approval(self, record: ApprovalRecord) -> None:
         """Append one approval-history row."""
         async with self._write() as conn:
-            await conn.execute(
-                f"INSERT INTO approvals ({_APPROVAL_COLS}) VALUES ({_marks(_APPROVAL_COLS)})",
-                _approval_params(record),
-            )
+            await conn.execute(APPROVAL_INSERT_SQL, _approval_params(record))
 
     async def list_approvals(self, limit: int = 100) -> list[ApprovalRecord]:
         """The newest `limit` approval-history rows, newest first."""
@@ -398,6 +526,11 @@ class SqliteStore:
             f"SELECT {_APPROVAL_COLS} FROM approvals ORDER BY seq DESC LIMIT ?", (limit,)
         )
         return [_approval_from(r) for r in rows]
+
+    async def latest_approval(self, item_id: str) -> ApprovalRecord | None:
+        """The newest approval-history row for this pending item id, or None."""
+        rows = await self._fetchall(APPROVAL_LATEST_SQL, (item_id,))
+        return _approval_from(rows[0]) if rows else None
 
     # --- decision audit -----------------------------------------------------------------------
 
@@ -451,11 +584,40 @@ class SqliteStore:
             async with conn.execute(sql, params) as cur:
                 return max(cur.rowcount, 0)
 
+    # --- fleet signalling ---------------------------------------------------------------------
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """No-op: a SQLite store has no replicas to signal."""
+
+    def subscribe(self, callback: NotifyCallback) -> None:
+        """Accept the callback; SQLite never calls it (there are no notifications)."""
+        self._subscribers.append(callback)
+
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
     """Roll back, tolerating a transaction SQLite already ended itself (e.g. on SQLITE_FULL)."""
     with contextlib.suppress(sqlite3.Error):
         await conn.execute("ROLLBACK")
+
+
+async def _enable_wal(conn: aiosqlite.Connection) -> Row | None:
+    """PRAGMA journal_mode = WAL, retried while another process switches the same new file.
+
+    Changing the journal mode can fail with SQLITE_BUSY at once, without the busy handler, when
+    several processes open a fresh database together (e.g. N workers starting at once).
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.01
+    while True:
+        try:
+            async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                return await cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 async def _migrate(conn: aiosqlite.Connection, where: str) -> None:

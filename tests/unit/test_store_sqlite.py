@@ -124,6 +124,18 @@ async def test_only_always_grants_are_stored(store: SqliteStore) -> None:
     assert await store.list_grants() == []
 
 
+async def test_upsert_pending_replaces_the_item_holding_its_key(store: SqliteStore) -> None:
+    # one pending item per (agent, host, port): a new id for an occupied key replaces the row
+    await store.upsert_pending(pending("old"))
+    await store.upsert_pending(pending("new", count=1))
+    assert await store.get_pending("old") is None
+    assert [p.id for p in await store.list_pending(NOW)] == ["new"]
+    # an id moving to another key leaves its old key free
+    await store.upsert_pending(pending("new", host="other.test"))
+    await store.upsert_pending(pending("third", agent=None))
+    assert sorted(p.id for p in await store.list_pending(NOW)) == ["new", "third"]
+
+
 async def test_list_grants_hides_expired(store: SqliteStore) -> None:
     await store.add_grant(grant("forever"))
     await store.add_grant(grant("later", expires_at=NOW + 60))
@@ -150,10 +162,12 @@ async def test_pending_round_trip(store: SqliteStore) -> None:
 
 
 async def test_list_pending_hides_expired_and_purge_returns_them(store: SqliteStore) -> None:
-    live_old = pending("live-old", first_seen=NOW - 100, expires_at=NOW + 10)
-    live_new = pending("live-new", first_seen=NOW - 5, expires_at=NOW + 10)
-    dead1 = pending("dead1", first_seen=NOW - 200, expires_at=NOW - 1)
-    dead2 = pending("dead2", first_seen=NOW - 50, expires_at=NOW)  # expires_at == now: expired
+    # distinct hosts: there is at most one pending item per (agent, host, port)
+    live_old = pending("live-old", host="a.test", first_seen=NOW - 100, expires_at=NOW + 10)
+    live_new = pending("live-new", host="b.test", first_seen=NOW - 5, expires_at=NOW + 10)
+    dead1 = pending("dead1", host="c.test", first_seen=NOW - 200, expires_at=NOW - 1)
+    # expires_at == now: expired
+    dead2 = pending("dead2", host="d.test", first_seen=NOW - 50, expires_at=NOW)
     for item in (live_new, dead2, live_old, dead1):
         await store.upsert_pending(item)
     assert await store.list_pending(NOW) == [live_old, live_new]
@@ -191,12 +205,14 @@ async def test_approval_round_trip_newest_first(store: SqliteStore) -> None:
         note="ok",
         wait_ms=1234,
         at=NOW + 1,
+        grant_id="g-77",
     )
     await store.record_approval(requested)
     await store.record_approval(approved)
     got = await store.list_approvals()
     assert got == [approved, requested]
     assert got[0].scope is Scope.ALWAYS and got[0].grant_for is GrantFor.ALL
+    assert got[0].grant_id == "g-77" and got[1].grant_id is None
     assert await store.list_approvals(limit=1) == [approved]
     assert await store.list_approvals(limit=0) == []
 
@@ -248,7 +264,7 @@ async def test_concurrent_record_decisions_all_land(store: SqliteStore) -> None:
 async def test_concurrent_mixed_calls(store: SqliteStore) -> None:
     await asyncio.gather(
         *(store.record_decisions([decision(i), decision(i + 1000)]) for i in range(50)),
-        *(store.upsert_pending(pending(f"p{i}")) for i in range(50)),
+        *(store.upsert_pending(pending(f"p{i}", host=f"h{i}.test")) for i in range(50)),
         *(store.list_decisions() for _ in range(20)),
     )
     assert len(await store.list_decisions(limit=1000)) == 100
@@ -347,13 +363,38 @@ async def test_open_store_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 async def test_open_store_rejects_others() -> None:
-    with pytest.raises(StoreError, match="PostgreSQL store is not available yet"):
-        await open_store("postgresql://user:secret@db/warden")
     with pytest.raises(StoreError, match="unsupported") as info:
         await open_store("mysql://user:secret@db/warden")
     assert "secret" not in str(info.value)
     with pytest.raises(StoreError, match="unsupported"):
         await open_store("/just/a/path.db")
+
+
+async def test_migration_2_dedupes_and_backfills_key(tmp_path: Path) -> None:
+    # a version-1 database may hold several items for one key: keep the one expiring last
+    path = tmp_path / "warden.db"
+    with sqlite3.connect(path) as conn:
+        from proxy.store.migrations import MIGRATIONS, SCHEMA_VERSION_DDL
+
+        conn.execute(SCHEMA_VERSION_DDL)
+        for statement in MIGRATIONS[0].render("sqlite"):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        for pid, agent, expires in (("a", None, 10), ("b", None, 20), ("c", "x", 5)):
+            conn.execute(
+                "INSERT INTO pending VALUES (?, 'h.test', 443, 'https', 'GET', ?, NULL, "
+                "0, 0, 1, ?, NULL)",
+                (pid, agent, expires),
+            )
+    s = await SqliteStore.open(path)
+    try:
+        assert [p.id for p in await s.list_pending(0)] == ["b", "c"]
+        created = pending("d", host="h.test", agent=None, last_seen=1, expires_at=30)
+        joined, was_created = await s.join_pending(created)
+        assert (joined.id, was_created, joined.count) == ("b", False, 2)
+    finally:
+        await s.close()
+    assert _versions(path) == list(range(1, LATEST_VERSION + 1))
 
 
 # --- durability ----------------------------------------------------------------------------------

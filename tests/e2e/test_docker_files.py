@@ -1,0 +1,631 @@
+"""docker/: the Dockerfile, the entrypoint, compose.yaml and the Kubernetes example.
+
+No Docker engine is needed: the files are parsed and checked, the entrypoint runs locally with a
+fake binary (flag mapping) and once with the real one (readiness, SIGTERM), and the image's
+HEALTHCHECK command runs against that real instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.proxy import REPO, free_port
+
+DOCKER = REPO / "docker"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+STATE = "/var/lib/egress-warden"
+DEFAULT_POLICY = "/etc/egress-warden/policies/default.yaml"
+SECRETISH = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|API_?KEY|PRIVATE_?KEY)", re.IGNORECASE)
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return _instructions(DOCKER / "Dockerfile")
+
+
+def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
+    return instructions[starts[-1] :]
+
+
+def _exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def test_dockerfile_base_is_pinned_python_312_slim(dockerfile: list[tuple[str, str]]) -> None:
+    froms = [args.split()[0] for kw, args in dockerfile if kw == "FROM"]
+    assert len(froms) >= 2, "expected a multi-stage build"
+    stages = {args.split()[-1] for kw, args in dockerfile if kw == "FROM" and " AS " in args}
+    for image in froms:
+        if image in stages:
+            continue
+        assert re.fullmatch(
+            r"python:3\.12(\.\d+)?-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", image
+        ), image
+    final = _final_stage(dockerfile)
+    copies = [args for kw, args in final if kw == "COPY" and args.startswith("--from=")]
+    assert copies, "the final stage should copy the built venv from the build stage"
+
+
+def test_dockerfile_runs_as_numeric_non_root_user(dockerfile: list[tuple[str, str]]) -> None:
+    final = _final_stage(dockerfile)
+    keywords = [kw for kw, _ in final]
+    users = [(i, args) for i, (kw, args) in enumerate(final) if kw == "USER"]
+    assert users, "no USER in the final stage"
+    index, user = users[-1]
+    assert index < keywords.index("ENTRYPOINT")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) >= 1000, user
+    assert not gid or (gid.isdigit() and int(gid) > 0), user
+
+
+def test_dockerfile_healthcheck_ports_volume_entrypoint(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    final = _final_stage(dockerfile)
+    health = [args for kw, args in final if kw == "HEALTHCHECK"]
+    assert len(health) == 1
+    assert "/healthz" in health[0] and "8081" in health[0]
+    assert "curl" not in health[0] and "wget" not in health[0]
+    exposed = {p for kw, args in final if kw == "EXPOSE" for p in args.split()}
+    assert {"8080", "8081"} <= exposed
+    volumes = [args for kw, args in final if kw == "VOLUME"]
+    assert any(STATE in v for v in volumes), volumes
+    workdir = [args for kw, args in final if kw == "WORKDIR"]
+    assert workdir and workdir[-1] == STATE
+    entrypoint = next(args for kw, args in final if kw == "ENTRYPOINT")
+    assert _exec_form(entrypoint) == ["/usr/local/bin/docker-entrypoint.sh"]
+    assert any(
+        kw == "COPY" and "docker/entrypoint.sh" in args and args.endswith(" " + entrypoint[2:-2])
+        for kw, args in final
+    )
+    assert any(
+        kw == "COPY" and "policies" in args and "/etc/egress-warden/policies" in args
+        for kw, args in final
+    )
+    env = " ".join(args for kw, args in final if kw == "ENV")
+    assert "PYTHONDONTWRITEBYTECODE=1" in env and "PYTHONUNBUFFERED=1" in env
+
+
+def test_dockerfile_fetches_nothing_and_bakes_no_secret(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    for kw, args in dockerfile:
+        assert not (kw == "ADD" and re.search(r"https?://", args)), args
+        if kw in ("ENV", "ARG"):
+            assert not SECRETISH.search(args), f"{kw} {args}"
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "CONTROL_TOKEN=" not in text and "control-token" not in text
+
+
+def test_dockerfile_copies_only_files_that_exist(dockerfile: list[tuple[str, str]]) -> None:
+    for kw, args in dockerfile:
+        if kw != "COPY" or "--from=" in args:
+            continue
+        sources = [a for a in shlex.split(args) if not a.startswith("--")][:-1]
+        for source in sources:
+            assert (REPO / source).exists(), source
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignore and "!.venv" not in ignore and "!.state" not in ignore
+
+
+def _healthcheck_code(dockerfile: list[tuple[str, str]]) -> str:
+    args = next(args for kw, args in dockerfile if kw == "HEALTHCHECK")
+    command = _exec_form(args[args.index("CMD") + 3 :].strip())
+    assert command[:2] == ["python", "-c"]
+    return command[2]
+
+
+# -- compose.yaml ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _networks(service: dict[str, Any]) -> set[str]:
+    nets = service.get("networks", [])
+    return set(nets) if isinstance(nets, list) else set(nets.keys())
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def test_compose_agent_only_reaches_the_sidecar(compose: dict[str, Any]) -> None:
+    services, networks = compose["services"], compose["networks"]
+    agent = services["agent"]
+    assert _networks(agent) == {"agent-net"}
+    assert "network_mode" not in agent and "ports" not in agent
+    assert networks["agent-net"]["internal"] is True
+    env = _env(agent)
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        assert env[var] == "http://egress-warden:8080", var
+    assert env.get("NO_PROXY", "") == ""
+    # Everything else on agent-net is the sidecar; every other service is off that network.
+    on_agent_net = {n for n, s in services.items() if "agent-net" in _networks(s)}
+    assert on_agent_net == {"agent", "egress-warden"}
+
+
+def test_compose_sidecar_is_locked_down(compose: dict[str, Any]) -> None:
+    services, networks = compose["services"], compose["networks"]
+    warden = services["egress-warden"]
+    assert warden["build"]["context"] == ".."
+    assert (DOCKER / ".." / warden["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+    assert warden["read_only"] is True
+    assert "/tmp" in warden["tmpfs"]
+    uid = str(warden["user"]).split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    assert warden["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in warden["security_opt"]
+    test = warden["healthcheck"]["test"]
+    assert "/healthz" in " ".join(test) and "8081" in " ".join(test)
+    assert _networks(warden) == {"agent-net", "backend", "egress"}
+    assert networks["egress"].get("internal") is not True
+    env = _env(warden)
+    assert env["EGRESS_WARDEN_STORE"].startswith("postgresql://")
+    assert "@postgres:5432/" in env["EGRESS_WARDEN_STORE"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    assert env["EGRESS_WARDEN_CONTROL_TOKEN"].startswith("${")  # from the environment
+    deps = warden["depends_on"]
+    assert deps["postgres"]["condition"] == "service_healthy"
+    assert "otel-collector" in deps
+    assert services["agent"]["depends_on"]["egress-warden"]["condition"] == "service_healthy"
+
+
+def test_compose_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
+    published: dict[str, str] = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the HOST_IP:HOST:CONTAINER string form"
+            host_ip, _, rest = port.partition(":")
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+            published[rest.split(":")[-1]] = name
+    assert published.get("8081") == "egress-warden"
+
+
+def test_compose_backend_services(compose: dict[str, Any]) -> None:
+    services, networks = compose["services"], compose["networks"]
+    assert networks["backend"]["internal"] is True
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:16")
+    assert _networks(postgres) == {"backend"}
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert any(str(v).endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
+    collector = services["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")
+    assert _networks(collector) == {"backend"}
+    mounts = [str(v).split(":") for v in collector["volumes"]]
+    config = next(m for m in mounts if m[0].endswith("otel-collector.yaml"))
+    assert (DOCKER / config[0]).resolve() == DOCKER / "otel-collector.yaml"
+    for service in services.values():
+        for net in _networks(service):
+            assert net in networks
+
+
+def test_otel_collector_config() -> None:
+    config = yaml.safe_load((DOCKER / "otel-collector.yaml").read_text())
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"].endswith(":4317")
+    assert protocols["http"]["endpoint"].endswith(":4318")
+    assert "batch" in config["processors"]
+    assert {"debug", "file"} <= set(config["exporters"])
+    pipelines = config["service"]["pipelines"]
+    assert "logs" in pipelines
+    for pipeline in pipelines.values():
+        assert set(pipeline["receivers"]) <= set(config["receivers"])
+        assert set(pipeline["processors"]) <= set(config["processors"])
+        assert set(pipeline["exporters"]) <= set(config["exporters"])
+        assert "batch" in pipeline["processors"]
+
+
+# -- Kubernetes --------------------------------------------------------------------------------
+
+
+def _k8s_docs() -> list[dict[str, Any]]:
+    files = sorted((DOCKER / "k8s").rglob("*.yaml"))
+    assert files
+    docs: list[dict[str, Any]] = []
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is None:
+                continue
+            assert isinstance(doc, dict), path
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), path
+            docs.append(doc)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    return _k8s_docs()
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] == "Pod":
+            yield doc["metadata"].get("labels", {}), doc["spec"]
+        elif doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            template = doc["spec"]["template"]
+            yield template["metadata"]["labels"], template["spec"]
+
+
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, (kind, name)
+    return found[0]
+
+
+def test_k8s_egress_warden_containers_are_hardened(k8s: list[dict[str, Any]]) -> None:
+    wardens = []
+    for _labels, spec in _pod_specs(k8s):
+        for container in _containers(spec):
+            sc = container.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, container["name"]
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+            if container["name"] != "egress-warden":
+                continue
+            wardens.append(container)
+            merged = {**spec.get("securityContext", {}), **sc}
+            assert merged["runAsNonRoot"] is True
+            assert merged["runAsUser"] == 10001
+            assert sc["readOnlyRootFilesystem"] is True
+            for probe in ("readinessProbe", "livenessProbe"):
+                get = container[probe]["httpGet"]
+                assert get["path"] == "/healthz" and get["port"] == 8081, probe
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            for path in ("/tmp", STATE):
+                assert "emptyDir" in volumes[mounts[path]], path
+    assert len(wardens) == 2  # the two-pod layout and the sidecar variant
+
+
+def test_k8s_sidecar_variant_points_at_loopback(k8s: list[dict[str, Any]]) -> None:
+    pod = _find(k8s, "Pod", "agent-with-sidecar")
+    names = [c["name"] for c in _containers(pod["spec"])]
+    assert sorted(names) == ["agent", "egress-warden"]
+    agent = next(c for c in pod["spec"]["containers"] if c["name"] == "agent")
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["HTTPS_PROXY"] == "http://127.0.0.1:8080"
+    text = (DOCKER / "k8s/sidecar/sidecar-pod.yaml").read_text()
+    assert "per pod" in text.lower() or "applies to a pod" in text
+
+
+def test_k8s_agent_networkpolicy_allows_only_the_proxy_and_dns(
+    k8s: list[dict[str, Any]],
+) -> None:
+    agent = _find(k8s, "Deployment", "agent")
+    labels = agent["spec"]["template"]["metadata"]["labels"]
+    assert labels["role"] == "agent"
+    containers = agent["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for c in containers for e in c.get("env", [])}
+    assert env["HTTPS_PROXY"] == "http://egress-warden:8080"
+    assert all(c["name"] != "egress-warden" for c in containers)
+
+    policies = [
+        d
+        for d in k8s
+        if d["kind"] == "NetworkPolicy"
+        and d["metadata"]["namespace"] == agent["metadata"]["namespace"]
+        and all(
+            labels.get(k) == v for k, v in d["spec"]["podSelector"].get("matchLabels", {}).items()
+        )
+        and not d["spec"]["podSelector"].get("matchExpressions")
+    ]
+    egress_policies = [p for p in policies if "Egress" in p["spec"]["policyTypes"]]
+    assert egress_policies, "no NetworkPolicy restricts the agent's egress"
+    rules = [rule for p in egress_policies for rule in p["spec"].get("egress", [])]
+    assert rules, "the agent must be able to reach egress-warden"
+    seen_proxy = seen_dns = False
+    for rule in rules:
+        peers, ports = rule["to"], rule["ports"]
+        assert peers and ports, "a rule without `to` or `ports` allows everything"
+        for peer in peers:
+            assert "ipBlock" not in peer
+        port_set = {(p.get("protocol", "TCP"), p["port"]) for p in ports}
+        if port_set == {("TCP", 8080)}:
+            assert all(
+                set(peer) == {"podSelector"}
+                and peer["podSelector"] == {"matchLabels": {"app": "egress-warden"}}
+                for peer in peers
+            )
+            seen_proxy = True
+        else:
+            assert port_set <= {("UDP", 53), ("TCP", 53)}, port_set
+            for peer in peers:
+                assert peer["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+                ns = peer["namespaceSelector"]["matchLabels"]
+                assert ns == {"kubernetes.io/metadata.name": "kube-system"}
+            seen_dns = True
+    assert seen_proxy and seen_dns
+    warden = _find(k8s, "Deployment", "egress-warden")
+    assert warden["spec"]["template"]["metadata"]["labels"]["app"] == "egress-warden"
+    service = _find(k8s, "Service", "egress-warden")
+    assert service["spec"]["selector"] == {"app": "egress-warden"}
+    assert 8080 in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_k8s_egress_warden_networkpolicy(k8s: list[dict[str, Any]]) -> None:
+    policy = _find(k8s, "NetworkPolicy", "egress-warden")
+    ingress = policy["spec"]["ingress"]
+    by_port = {rule["ports"][0]["port"]: rule for rule in ingress}
+    assert set(by_port) == {8080, 8081}
+    assert by_port[8080]["from"] == [{"podSelector": {"matchLabels": {"role": "agent"}}}]
+    assert "egress-warden-admin" in json.dumps(by_port[8081]["from"])
+    blocks = [
+        peer["ipBlock"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule["to"]
+        if "ipBlock" in peer
+    ]
+    v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(v4["except"])
+    default_deny = _find(k8s, "NetworkPolicy", "default-deny")
+    assert default_deny["spec"]["podSelector"] == {}
+
+
+def test_k8s_secret_is_a_marked_placeholder(k8s: list[dict[str, Any]]) -> None:
+    secret = _find(k8s, "Secret", "egress-warden")
+    for key, value in secret["stringData"].items():
+        assert "CHANGE-ME" in value, key
+
+
+def test_k8s_configmap_policy_is_valid(k8s: list[dict[str, Any]], tmp_path: Path) -> None:
+    config = _find(k8s, "ConfigMap", "egress-warden-policy")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(config["data"]["policy.yaml"])
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "policy", "validate", str(policy)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+# -- the entrypoint ----------------------------------------------------------------------------
+
+
+def test_entrypoint_is_valid_posix_sh() -> None:
+    assert ENTRYPOINT.read_text().startswith("#!/bin/sh\n")
+    assert "set -eu" in ENTRYPOINT.read_text()
+    subprocess.run(["sh", "-n", str(ENTRYPOINT)], check=True, timeout=10)
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    script = tmp_path / "fake-egress-warden"
+    script.write_text('#!/bin/sh\necho "pid=$$"\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    script.chmod(0o755)
+    return script
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRESS_WARDEN_")}
+    env.update(extra)
+    return env
+
+
+def _entry(fake: Path, *args: str, **env: str) -> tuple[list[str], str]:
+    """argv the fake binary saw, and the entrypoint's stderr; also checks that it exec'd."""
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT), *args],
+        env=_clean_env(EGRESS_WARDEN_BIN=str(fake), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    first, *argv = out.splitlines()
+    assert first == f"pid={proc.pid}", "the entrypoint must exec the binary"
+    return argv, err
+
+
+def _flags(argv: list[str]) -> dict[str, list[str]]:
+    assert argv[0] == "run"
+    flags: dict[str, list[str]] = {}
+    for flag, value in zip(argv[1::2], argv[2::2], strict=True):
+        flags.setdefault(flag, []).append(value)
+    return flags
+
+
+def test_entrypoint_defaults(fake_bin: Path) -> None:
+    argv, err = _entry(fake_bin)
+    assert _flags(argv) == {
+        "--listen": ["0.0.0.0:8080"],
+        "--control": ["0.0.0.0:8081"],
+        "--policy": [DEFAULT_POLICY],
+        "--state-dir": [STATE],
+    }
+    assert f"{STATE}/control-token" in err
+
+
+def test_entrypoint_maps_variables(fake_bin: Path, tmp_path: Path) -> None:
+    argv, err = _entry(
+        fake_bin,
+        EGRESS_WARDEN_POLICY="/p/a.yaml /p/b.yaml:/p/c.yaml",
+        EGRESS_WARDEN_REQUIREMENTS="/etc/req.yaml",
+        EGRESS_WARDEN_LISTEN="127.0.0.1:9000",
+        EGRESS_WARDEN_CONTROL="127.0.0.1:9001",
+        EGRESS_WARDEN_STATE_DIR=str(tmp_path),
+        EGRESS_WARDEN_MODE="audit",
+        EGRESS_WARDEN_CONTROL_TOKEN="s3cret-token-value",
+    )
+    assert _flags(argv) == {
+        "--listen": ["127.0.0.1:9000"],
+        "--control": ["127.0.0.1:9001"],
+        "--policy": ["/p/a.yaml", "/p/b.yaml", "/p/c.yaml"],
+        "--requirements": ["/etc/req.yaml"],
+        "--mode": ["audit"],
+        "--state-dir": [str(tmp_path)],
+    }
+    assert "EGRESS_WARDEN_CONTROL_TOKEN" in err
+    assert "s3cret-token-value" not in err
+
+
+def test_entrypoint_store_wins_over_state_dir(fake_bin: Path, tmp_path: Path) -> None:
+    url = "postgresql://warden:pw@db:5432/warden"
+    argv, _ = _entry(fake_bin, EGRESS_WARDEN_STORE=url, EGRESS_WARDEN_STATE_DIR=str(tmp_path))
+    flags = _flags(argv)
+    assert flags["--store"] == [url]
+    assert "--state-dir" not in flags
+    # A --store given as an argument also replaces the default --state-dir.
+    argv, _ = _entry(fake_bin, "--store", url)
+    flags = _flags(argv)
+    assert flags["--store"] == [url] and "--state-dir" not in flags
+
+
+def test_entrypoint_passes_extra_args_last(fake_bin: Path) -> None:
+    extra = ["--resolve", "x.test:1.2.3.4", "--requirements", "/tmp/with space.yaml"]
+    for args in (extra, ["run", *extra]):
+        argv, _ = _entry(fake_bin, *args, EGRESS_WARDEN_LISTEN="0.0.0.0:1")
+        assert argv[0] == "run" and argv.count("run") == 1
+        assert argv[-len(extra) :] == extra
+        assert _flags(argv)["--listen"] == ["0.0.0.0:1"]
+    argv, _ = _entry(fake_bin, "--listen", "127.0.0.1:2")
+    assert _flags(argv)["--listen"] == ["0.0.0.0:8080", "127.0.0.1:2"]  # argparse: last wins
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pending", "--control", "http://127.0.0.1:8081"],
+        ["approve", "abc123", "--scope", "once"],
+        ["policy", "validate", "/etc/egress-warden/policies/default.yaml"],
+        ["check", "https://github.com/"],
+        ["ca", "path"],
+        ["--help"],
+    ],
+)
+def test_entrypoint_other_subcommands_pass_through(fake_bin: Path, args: list[str]) -> None:
+    argv, _ = _entry(fake_bin, *args, EGRESS_WARDEN_STORE="postgresql://x@y/z")
+    if args[0].startswith("-"):
+        assert argv[0] == "run" and argv[-1] == args[-1]
+    else:
+        assert argv == args
+
+
+# -- the real thing ----------------------------------------------------------------------------
+
+
+def _healthz(port: int) -> tuple[int, Any]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.e2e
+def test_entrypoint_runs_the_real_proxy_and_stops_on_sigterm(
+    tmp_path: Path, dockerfile: list[tuple[str, str]]
+) -> None:
+    binary = Path(sys.executable).parent / "egress-warden"
+    assert binary.exists(), f"{binary}: install the project (make install)"
+    port, control = free_port(), free_port()
+    state = tmp_path / "state"
+    env = _clean_env(
+        EGRESS_WARDEN_BIN=str(binary),
+        EGRESS_WARDEN_POLICY=str(REPO / "policies/default.yaml"),
+        EGRESS_WARDEN_LISTEN=f"127.0.0.1:{port}",
+        EGRESS_WARDEN_CONTROL=f"127.0.0.1:{control}",
+        EGRESS_WARDEN_STATE_DIR=str(state),
+    )
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    log = (tmp_path / "stderr.log").open("w+")
+    proc = subprocess.Popen(
+        ["sh", str(ENTRYPOINT)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        answer: tuple[int, Any] | None = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = _healthz(control)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.1)
+        log.seek(0)
+        assert answer == (200, {"status": "ok"}), log.read()
+        assert (state / "control-token").is_file()
+
+        # The image's HEALTHCHECK command, as Docker would run it, against this instance.
+        code = _healthcheck_code(dockerfile)
+        health_env = {**env, "EGRESS_WARDEN_CONTROL": f"127.0.0.1:{control}"}
+        check = [sys.executable, "-c", code]
+        assert subprocess.run(check, env=health_env, timeout=10).returncode == 0
+        health_env["EGRESS_WARDEN_CONTROL"] = f"0.0.0.0:{control}"
+        assert subprocess.run(check, env=health_env, timeout=10).returncode == 0
+        health_env["EGRESS_WARDEN_CONTROL"] = f"127.0.0.1:{free_port()}"
+        failed = subprocess.run(check, env=health_env, timeout=10, capture_output=True)
+        assert failed.returncode != 0
+
+        proc.send_signal(signal.SIGTERM)  # the entrypoint exec'd: this is egress-warden itself
+        started = time.monotonic()
+        returncode = proc.wait(timeout=10)
+        log.seek(0)
+        assert returncode == 0, log.read()
+        assert time.monotonic() - started < 10
+        log.seek(0)
+        assert f"{state}/control-token" in log.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
