@@ -454,7 +454,7 @@ class PostgresStore:
             if conn is None:
                 try:
                     conn = await self._connect_listener()
-                except _DB_ERRORS as exc:
+                except Exception as exc:  # anything: this task must outlive every outage
                     _log.warning(
                         "store listener cannot reconnect",
                         where=self.where,
