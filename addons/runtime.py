@@ -178,11 +178,13 @@ class PolicyReloader:
         await self.reload()
 
 
-async def _expiry_loop(approvals: ApprovalQueue) -> None:
+async def _maintenance_loop(approvals: ApprovalQueue) -> None:
+    """Expire old items and reconcile with the shared store (a lost notification is not lost)."""
     while True:
         await asyncio.sleep(EXPIRY_INTERVAL)
         try:
             await approvals.expire()
+            await approvals.reconcile()
         except StoreError as exc:
             log.warning("egress.store", error=str(exc))
 
@@ -226,9 +228,12 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
     reloader.announce(warnings)
 
     grants = GrantIndex()
-    grants.load(await store.list_grants())
     approvals = ApprovalQueue(store, grants, telemetry, bus)
-    restored = await approvals.restore()
+    try:
+        restored = await approvals.start()
+    except StoreError as exc:
+        control_sock.close()
+        raise StartupError(str(exc)) from exc
     if otel is not None:
         otel.watch_pending(approvals.pending_count)
     gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals, auth)
@@ -273,7 +278,7 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
     control = uvicorn.Server(control_cfg)
     control_task = asyncio.create_task(control.serve(sockets=[control_sock]))
     audit.start()
-    expiry_task = asyncio.create_task(_expiry_loop(approvals))
+    expiry_task = asyncio.create_task(_maintenance_loop(approvals))
     watcher = FileWatcher(reloader.watched(), reloader.on_files_changed)
     watch_task = asyncio.create_task(watcher.run())
 

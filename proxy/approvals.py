@@ -1,26 +1,45 @@
-"""Holding requests for approval: one pending item per (agent, host, port), one shared future."""
+"""Holding requests for approval: one pending item per (agent, host, port), one shared future.
+
+The store is the source of truth for pending items and persisted grants, so several replicas
+sharing one store share one queue: an approval on any replica is announced over the store's
+notifications (and found by a periodic reconcile if a notification is lost) and releases the
+requests held on every replica.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
+
+import structlog
 
 from proxy.eventbus import EventBus
 from proxy.facts import RequestFacts
 from proxy.grants import GrantIndex
 from proxy.policy.model import Action, ApprovalSettings, Scope
 from proxy.records import ApprovalRecord, Grant, GrantFor, PendingItem
-from proxy.store import Store
+from proxy.store import (
+    CHANNEL_GRANTS,
+    CHANNEL_PENDING,
+    CHANNEL_RESOLVED,
+    RESYNC_PAYLOAD,
+    Store,
+    StoreError,
+)
 from proxy.telemetry import ApprovalEvent, Telemetry
+
+log = structlog.get_logger("egress-warden")
 
 PendingKey = tuple[str | None, str, int]  # (agent, host, port)
 POLL_INTERVAL = 0.5  # how often a waiter checks that its client is still there
 POLICY_APPROVER = "policy"  # the approver recorded when a policy change resolves an item
+REVOKE_PREFIX = "revoke:"
 
 
 class ApprovalError(Exception):
@@ -80,8 +99,36 @@ def grant_pattern(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def verdict_from_record(record: ApprovalRecord) -> Verdict | None:
+    """Rebuild a verdict from the approval history (for requests held on another replica)."""
+    if record.state not in (Outcome.APPROVED.value, Outcome.DENIED.value):
+        return None
+    return Verdict(
+        Outcome(record.state),
+        record.id,
+        record.scope or Scope.ONCE,
+        record.grant_for or GrantFor.AGENT,
+        record.approver or "unknown",
+        record.reviewer or "human",
+        record.note,
+        record.grant_id,
+    )
+
+
+def _grant_to_json(grant: Grant) -> str:
+    data = asdict(grant)
+    data["action"], data["scope"] = grant.action.value, grant.scope.value
+    return json.dumps(data)
+
+
+def _grant_from_json(text: str) -> Grant:
+    data = json.loads(text)
+    data["action"], data["scope"] = Action(data["action"]), Scope(data["scope"])
+    return Grant(**data)
+
+
 class ApprovalQueue:
-    """Pending items (persisted in the store) and the requests waiting on them (in memory)."""
+    """Pending items (in the store) and the requests waiting on them here (in memory)."""
 
     def __init__(
         self,
@@ -96,27 +143,40 @@ class ApprovalQueue:
         self._telemetry = telemetry
         self._bus = bus
         self._clock = clock
-        self._items: dict[str, PendingItem] = {}
-        self._by_key: dict[PendingKey, str] = {}
+        self._items: dict[str, PendingItem] = {}  # last known copy of the store's items
         self._waiting: dict[str, _Waiting] = {}
-        self._one_shots: dict[PendingKey, tuple[Verdict, float]] = {}
-        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def restore(self) -> int:
-        """Load pending items that survived a restart."""
-        for item in await self._store.list_pending(self._clock()):
-            self._items[item.id] = item
-            self._by_key[pending_key(item.agent, item.host, item.port)] = item.id
+    async def start(self) -> int:
+        """Load pending items and grants that survived a restart; listen to other replicas."""
+        await self.sync()
+        self._store.subscribe(self._on_notify)
         return len(self._items)
+
+    async def sync(self) -> None:
+        """Re-read pending items and persisted grants from the store."""
+        items = await self._store.list_pending(self._clock())
+        self._items = {item.id: item for item in items}
+        self._grants.replace_persisted(await self._store.list_grants())
 
     # -- queries ---------------------------------------------------------------------------
 
     def snapshot(self) -> list[tuple[PendingItem, int]]:
-        """Live items, oldest first, with how many requests wait on each right now."""
+        """Known live items, oldest first, with how many requests wait on each here."""
         now = self._clock()
         items = sorted(
             (i for i in self._items.values() if i.expires_at > now), key=lambda i: i.first_seen
         )
+        return [(i, self.waiting(i.id)) for i in items]
+
+    async def listing(self) -> list[tuple[PendingItem, int]]:
+        """The shared queue as the store has it now (falls back to the last known copy)."""
+        try:
+            items = await self._store.list_pending(self._clock())
+        except StoreError as exc:
+            log.warning("egress.store", error=str(exc))
+            return self.snapshot()
+        self._items = {item.id: item for item in items}
         return [(i, self.waiting(i.id)) for i in items]
 
     def get(self, item_id: str) -> PendingItem | None:
@@ -127,19 +187,34 @@ class ApprovalQueue:
         return waiting.count if waiting is not None else 0
 
     def pending_count(self) -> int:
-        """Live pending items (safe to call from another thread: one len())."""
+        """Known pending items (safe to call from another thread: one len())."""
         return len(self._items)
 
     @property
     def total_waiting(self) -> int:
         return sum(w.count for w in self._waiting.values())
 
-    def take_one_shot(self, agent: str | None, host: str, port: int) -> Verdict | None:
-        """A `once` verdict given while nobody waited applies to the next request only."""
-        entry = self._one_shots.pop(pending_key(agent, host, port), None)
-        if entry is None or entry[1] <= self._clock():
-            return None
-        return entry[0]
+    async def take_one_shot(self, agent: str | None, host: str, port: int) -> Verdict | None:
+        """A `once` approval given while nobody waited lets exactly one later request through."""
+        for grant in self._grants.once_for(agent, grant_pattern(host, port)):
+            try:
+                won = await self._store.consume_grant(grant.id)
+            except StoreError:
+                return None
+            self._grants.remove(grant.id)
+            if won:
+                self._notify(CHANNEL_GRANTS, REVOKE_PREFIX + grant.id)
+                return Verdict(
+                    Outcome.APPROVED,
+                    grant.id.removeprefix("once-"),
+                    Scope.ONCE,
+                    GrantFor.AGENT if grant.agent is not None else GrantFor.ALL,
+                    grant.created_by,
+                    "human",
+                    grant.note,
+                    grant.id,
+                )
+        return None
 
     # -- holding ---------------------------------------------------------------------------
 
@@ -150,9 +225,12 @@ class ApprovalQueue:
         client_gone: Callable[[], bool] | None = None,
         on_held: Callable[[PendingItem], None] | None = None,
     ) -> HoldResult:
-        """Create or join the pending item for this request and wait up to `settings.wait`."""
+        """Create or join the pending item for this request and wait up to `settings.wait`.
+
+        Raises StoreError when the shared queue cannot be reached (nothing new is held then).
+        """
         assert facts.host is not None
-        item = await self._upsert(facts, settings)
+        item = await self._join(facts, settings)
         if on_held is not None:
             on_held(item)
         waiting = self._waiting.get(item.id)
@@ -160,10 +238,11 @@ class ApprovalQueue:
             waiting = _Waiting(asyncio.get_running_loop().create_future())
             self._waiting[item.id] = waiting
         waiting.count += 1
-        deadline = asyncio.get_running_loop().time() + settings.wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.wait
         try:
             while True:
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     return HoldResult(item, None)
                 done, _ = await asyncio.wait(
@@ -178,41 +257,27 @@ class ApprovalQueue:
             if waiting.count <= 0 and self._waiting.get(item.id) is waiting:
                 del self._waiting[item.id]
 
-    async def _upsert(self, facts: RequestFacts, settings: ApprovalSettings) -> PendingItem:
+    async def _join(self, facts: RequestFacts, settings: ApprovalSettings) -> PendingItem:
         assert facts.host is not None
-        key = pending_key(facts.agent, facts.host.name, facts.port)
         now = self._clock()
-        async with self._lock:
-            existing_id = self._by_key.get(key)
-            existing = self._items.get(existing_id) if existing_id else None
-            if existing is not None and existing.expires_at > now:
-                item = replace(
-                    existing,
-                    last_seen=now,
-                    count=existing.count + 1,
-                    expires_at=max(existing.expires_at, now + settings.pending_ttl),
-                )
-                created = False
-            else:
-                item = PendingItem(
-                    id=secrets.token_hex(6),
-                    host=facts.host.name,
-                    port=facts.port,
-                    scheme=facts.scheme,
-                    method=facts.method,
-                    agent=facts.agent,
-                    session=facts.session,
-                    first_seen=now,
-                    last_seen=now,
-                    count=1,
-                    expires_at=now + settings.pending_ttl,
-                )
-                created = True
-            self._items[item.id] = item
-            self._by_key[key] = item.id
-            await self._store.upsert_pending(item)
+        candidate = PendingItem(
+            id=secrets.token_hex(6),
+            host=facts.host.name,
+            port=facts.port,
+            scheme=facts.scheme,
+            method=facts.method,
+            agent=facts.agent,
+            session=facts.session,
+            first_seen=now,
+            last_seen=now,
+            count=1,
+            expires_at=now + settings.pending_ttl,
+        )
+        item, created = await self._store.join_pending(candidate)
+        self._items[item.id] = item
         if created:
             await self._store.record_approval(self._record(item, "requested"))
+            self._notify(CHANNEL_PENDING, item.id)
             self._telemetry.emit(
                 ApprovalEvent(
                     "requested",
@@ -242,21 +307,23 @@ class ApprovalQueue:
         allowed_scopes: frozenset[Scope],
         reviewer: str = "human",
     ) -> ResolveResult:
-        """Approve or deny a pending item: release its waiters and record the grant."""
+        """Approve or deny a pending item: release its waiters (on every replica), record it."""
         if scope not in allowed_scopes:
             allowed = ", ".join(sorted(s.value for s in allowed_scopes))
             raise ApprovalError(
                 "scope_not_allowed", f"scope {scope.value!r} is not allowed here ({allowed})", 422
             )
-        async with self._lock:
-            item = self._items.get(item_id)
-            if item is None or item.expires_at <= self._clock():
-                raise ApprovalError("not_found", f"no pending item with id {item_id!r}", 404)
-            del self._items[item_id]
-            key = pending_key(item.agent, item.host, item.port)
-            if self._by_key.get(key) == item_id:
-                del self._by_key[key]
-            await self._store.delete_pending(item_id)
+        try:
+            item = await self._store.claim_pending(item_id)
+        except StoreError as exc:
+            raise ApprovalError("store_unavailable", str(exc), 503) from exc
+        self._items.pop(item_id, None)
+        if item is None:
+            raise ApprovalError(
+                "not_found", f"no pending item with id {item_id!r} (resolved or expired)", 404
+            )
+        if item.expires_at <= self._clock():
+            raise ApprovalError("not_found", f"pending item {item_id!r} has expired", 404)
 
         grant = await self._make_grant(item, outcome, scope, grant_for, approver, note)
         verdict = Verdict(
@@ -269,19 +336,7 @@ class ApprovalQueue:
             note,
             grant.id if grant is not None else None,
         )
-        released = self._release(item_id, verdict)
-        if scope is Scope.ONCE and released == 0 and outcome is Outcome.APPROVED:
-            # Nobody is waiting any more: the agent's next retry gets through, once.
-            self._one_shots[key] = (verdict, item.expires_at)
-        if grant_for is GrantFor.ALL:
-            # The same destination pending for other agents is covered by this verdict too.
-            for other in [
-                i for i in self._items.values() if i.host == item.host and i.port == item.port
-            ]:
-                released += await self._resolve_sibling(other, verdict)
-
-        now = self._clock()
-        wait_ms = int((now - item.first_seen) * 1000)
+        wait_ms = int((self._clock() - item.first_seen) * 1000)
         record = replace(
             self._record(item, outcome.value),
             scope=scope,
@@ -290,8 +345,18 @@ class ApprovalQueue:
             reviewer=reviewer,
             note=note,
             wait_ms=wait_ms,
+            grant_id=verdict.grant_id,
         )
         await self._store.record_approval(record)
+        released = self._release(item.id, verdict)
+        self._notify(CHANNEL_RESOLVED, item.id)
+        if scope is Scope.ONCE and released == 0 and outcome is Outcome.APPROVED:
+            # Nobody waits here any more: the agent's next retry gets through, once.
+            await self._one_shot(item, grant_for, approver, note)
+        if grant_for is GrantFor.ALL:
+            # The same destination pending for other agents is covered by this verdict too.
+            released += await self._resolve_siblings(item, verdict)
+
         self._telemetry.emit(
             ApprovalEvent(
                 outcome.value,
@@ -320,15 +385,30 @@ class ApprovalQueue:
         )
         return ResolveResult(item, verdict, released, grant)
 
-    async def _resolve_sibling(self, item: PendingItem, verdict: Verdict) -> int:
-        async with self._lock:
-            if self._items.pop(item.id, None) is None:
-                return 0
-            key = pending_key(item.agent, item.host, item.port)
-            if self._by_key.get(key) == item.id:
-                del self._by_key[key]
-            await self._store.delete_pending(item.id)
-        return self._release(item.id, replace(verdict, pending_id=item.id))
+    async def _resolve_siblings(self, item: PendingItem, verdict: Verdict) -> int:
+        released = 0
+        for other in await self._store.list_pending(self._clock()):
+            if other.host != item.host or other.port != item.port:
+                continue
+            claimed = await self._store.claim_pending(other.id)
+            if claimed is None:
+                continue
+            self._items.pop(other.id, None)
+            sibling = replace(verdict, pending_id=other.id)
+            await self._store.record_approval(
+                replace(
+                    self._record(claimed, verdict.outcome.value),
+                    scope=verdict.scope,
+                    grant_for=verdict.grant_for,
+                    approver=verdict.approver,
+                    reviewer=verdict.reviewer,
+                    note=verdict.note,
+                    grant_id=verdict.grant_id,
+                )
+            )
+            released += self._release(other.id, sibling)
+            self._notify(CHANNEL_RESOLVED, other.id)
+        return released
 
     def _release(self, item_id: str, verdict: Verdict) -> int:
         waiting = self._waiting.get(item_id)
@@ -336,6 +416,24 @@ class ApprovalQueue:
             return 0
         waiting.future.set_result(verdict)
         return waiting.count
+
+    async def _one_shot(
+        self, item: PendingItem, grant_for: GrantFor, approver: str, note: str
+    ) -> None:
+        grant = Grant(
+            id=f"once-{item.id}",
+            pattern=grant_pattern(item.host, item.port),
+            action=Action.ALLOW,
+            scope=Scope.ONCE,
+            agent=item.agent if grant_for is GrantFor.AGENT else None,
+            created_by=approver,
+            note=note,
+            created_at=self._clock(),
+            expires_at=item.expires_at,
+        )
+        await self._store.add_grant(grant)
+        self._grants.add(grant)
+        self._notify(CHANNEL_GRANTS, RESYNC_PAYLOAD)
 
     async def _make_grant(
         self,
@@ -360,15 +458,30 @@ class ApprovalQueue:
             note=note,
             created_at=self._clock(),
         )
-        if scope is Scope.ALWAYS:
-            await self._store.add_grant(grant)
-        self._grants.add(grant)
+        await self.add_grant(grant)
         return grant
+
+    async def add_grant(self, grant: Grant) -> None:
+        """Persist (always) or share (session) a grant with every replica."""
+        if grant.scope is Scope.SESSION:
+            self._grants.add(grant)
+            self._notify(CHANNEL_GRANTS, _grant_to_json(grant))
+            return
+        await self._store.add_grant(grant)
+        self._grants.add(grant)
+        self._notify(CHANNEL_GRANTS, RESYNC_PAYLOAD)
+
+    async def revoke_grant(self, grant_id: str) -> bool:
+        """Remove a grant everywhere; False when no replica knew it."""
+        local = self._grants.remove(grant_id)
+        stored = await self._store.delete_grant(grant_id)
+        self._notify(CHANNEL_GRANTS, REVOKE_PREFIX + grant_id)
+        return local is not None or stored
 
     async def reevaluate(self, judge: Callable[[PendingItem], Outcome | None]) -> int:
         """Resolve items that a policy or grant change now decides; returns how many."""
         resolved = 0
-        for item in list(self._items.values()):
+        for item, _ in await self.listing():
             outcome = judge(item)
             if outcome is None:
                 continue
@@ -388,21 +501,64 @@ class ApprovalQueue:
             resolved += 1
         return resolved
 
+    # -- other replicas ----------------------------------------------------------------------
+
+    def _notify(self, channel: str, payload: str) -> None:
+        task = asyncio.ensure_future(self._store.notify(channel, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("egress.fleet", error=str(exc))
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == CHANNEL_RESOLVED:
+            self._spawn(self.reconcile() if payload == RESYNC_PAYLOAD else self._resolved(payload))
+        elif channel == CHANNEL_GRANTS:
+            if payload.startswith(REVOKE_PREFIX):
+                self._grants.remove(payload.removeprefix(REVOKE_PREFIX))
+            elif payload.startswith("{"):
+                self._grants.add(_grant_from_json(payload))
+            else:
+                self._spawn(self._resync_grants())
+        elif channel == CHANNEL_PENDING and payload == RESYNC_PAYLOAD:
+            self._spawn(self.listing())
+
+    async def _resolved(self, item_id: str) -> None:
+        """Another replica resolved `item_id`: release what waits on it here."""
+        self._items.pop(item_id, None)
+        if item_id not in self._waiting:
+            return
+        record = await self._store.latest_approval(item_id)
+        verdict = verdict_from_record(record) if record is not None else None
+        if verdict is not None:
+            self._release(item_id, verdict)
+
+    async def _resync_grants(self) -> None:
+        self._grants.replace_persisted(await self._store.list_grants())
+
+    async def reconcile(self) -> None:
+        """Catch up with the store: resolutions whose notification was lost, grant changes."""
+        live = {item.id for item, _ in await self.listing()}
+        for item_id in [i for i in self._waiting if i not in live]:
+            await self._resolved(item_id)
+        await self._resync_grants()
+
+    # -- expiry ----------------------------------------------------------------------------
+
     async def expire(self) -> list[PendingItem]:
-        """Drop items past their pending_ttl (emits `expired`)."""
+        """Drop items past their pending_ttl (emits `expired` for those this replica purged)."""
         now = self._clock()
-        self._one_shots = {k: v for k, v in self._one_shots.items() if v[1] > now}
-        if not any(i.expires_at <= now for i in self._items.values()):
-            return []
-        async with self._lock:
-            expired = [i for i in self._items.values() if i.expires_at <= now]
-            for item in expired:
-                del self._items[item.id]
-                key = pending_key(item.agent, item.host, item.port)
-                if self._by_key.get(key) == item.id:
-                    del self._by_key[key]
-            await self._store.purge_expired_pending(now)
+        expired = await self._store.purge_expired_pending(now)
         for item in expired:
+            self._items.pop(item.id, None)
             await self._store.record_approval(self._record(item, "expired"))
             self._telemetry.emit(
                 ApprovalEvent(

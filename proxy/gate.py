@@ -17,6 +17,7 @@ from proxy.netguard import NetGuard
 from proxy.policy.model import EffectivePolicy
 from proxy.records import PendingItem
 from proxy.resolve import ResolutionError, Resolver
+from proxy.store import StoreError
 from proxy.telemetry import DecisionEvent, Telemetry
 
 
@@ -143,7 +144,7 @@ class Gate:
             )
             self._emit(facts, admission)
             return admission
-        one_shot = self.approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
+        one_shot = await self.approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
         if one_shot is not None:
             admission = Admission(_after_approval(one_shot), held.address, one_shot.pending_id)
             self._emit(facts, admission)
@@ -152,9 +153,18 @@ class Gate:
         def on_held(item: PendingItem) -> None:
             self._emit(facts, Admission(held.decision, held.address, item.id))
 
-        result = await self.approvals.hold(
-            facts, self.policy.current.approval, client_gone, on_held
-        )
+        try:
+            result = await self.approvals.hold(
+                facts, self.policy.current.approval, client_gone, on_held
+            )
+        except StoreError as exc:
+            # The shared queue is unreachable: keep enforcing, but hold nothing new.
+            admission = Admission(
+                Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, detail=str(exc)),
+                held.address,
+            )
+            self._emit(facts, admission)
+            return admission
         if result.verdict is None:
             decision = Decision(
                 Verdict.DENY,

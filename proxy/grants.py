@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from proxy.decide import GrantRules
 from proxy.policy.match import RuleSet, parse_pattern
-from proxy.policy.model import Action, Rule
+from proxy.policy.model import Action, Rule, Scope
 from proxy.records import Grant
 
 
@@ -31,6 +31,26 @@ class GrantIndex:
             self._grants[grant.id] = grant
         self._invalidate()
 
+    def replace_persisted(self, grants: Iterable[Grant]) -> None:
+        """Swap in the store's grants (always and once); session grants stay as they are."""
+        kept = {k: g for k, g in self._grants.items() if g.scope is Scope.SESSION}
+        kept.update((g.id, g) for g in grants)
+        if kept != self._grants:
+            self._grants = kept
+            self._invalidate()
+
+    def once_for(self, agent: str | None, pattern: str) -> list[Grant]:
+        """One-shot passes (scope once) for this exact pattern that apply to `agent`."""
+        now = self._clock()
+        return [
+            g
+            for g in self._grants.values()
+            if g.scope is Scope.ONCE
+            and g.pattern == pattern
+            and (g.agent is None or g.agent == agent)
+            and (g.expires_at is None or g.expires_at > now)
+        ]
+
     def add(self, grant: Grant) -> None:
         parse_pattern(grant.pattern)  # raises ValueError for a bad pattern before it is stored
         self._grants[grant.id] = grant
@@ -46,8 +66,13 @@ class GrantIndex:
         return self._grants.get(grant_id)
 
     def all(self) -> list[Grant]:
+        """Live session and always grants (one-shot passes are internal)."""
         now = self._clock()
-        live = [g for g in self._grants.values() if g.expires_at is None or g.expires_at > now]
+        live = [
+            g
+            for g in self._grants.values()
+            if g.scope is not Scope.ONCE and (g.expires_at is None or g.expires_at > now)
+        ]
         return sorted(live, key=lambda g: g.created_at)
 
     def end_session(self, agent: str, session: str) -> int:
@@ -86,7 +111,9 @@ class GrantIndex:
         applicable = [
             g
             for g in self._grants.values()
-            if (g.agent is None or g.agent == agent) and (g.session is None or g.session == session)
+            if g.scope is not Scope.ONCE
+            and (g.agent is None or g.agent == agent)
+            and (g.session is None or g.session == session)
         ]
         if not applicable:
             return ()

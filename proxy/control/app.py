@@ -234,7 +234,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
 
     @v1.get("/pending", tags=["approvals"])
     async def list_pending() -> list[dict[str, Any]]:
-        return [ctx.approvals.describe(item) for item, _ in ctx.approvals.snapshot()]
+        return [ctx.approvals.describe(item) for item, _ in await ctx.approvals.listing()]
 
     async def _resolve(
         item_id: str, body: DecisionBody, outcome: Outcome, approver: str
@@ -292,17 +292,13 @@ def create_app(ctx: ControlContext) -> FastAPI:
             created_at=time.time(),
             expires_at=body.expires_at,
         )
-        if grant.scope is Scope.ALWAYS:
-            await ctx.store.add_grant(grant)
-        ctx.grants.add(grant)
+        await ctx.approvals.add_grant(grant)
         await ctx.rules_changed()
         return grant_json(grant)
 
     @v1.delete("/grants/{grant_id}", tags=["grants"])
     async def revoke_grant(grant_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
-        grant = ctx.grants.remove(grant_id)
-        stored = await ctx.store.delete_grant(grant_id)
-        if grant is None and not stored:
+        if not await ctx.approvals.revoke_grant(grant_id):
             raise ApiError(404, "not_found", f"no grant with id {grant_id!r}")
         return {"id": grant_id, "revoked": True}
 
