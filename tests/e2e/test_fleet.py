@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -65,10 +66,9 @@ def _background(proxy: ProxyProcess, url: str) -> tuple[threading.Thread, list[h
     out: list[httpx.Response] = []
 
     def run() -> None:
-        try:
+        # a replica killed under the request leaves nothing to collect
+        with contextlib.suppress(httpx.HTTPError):
             out.append(_get(proxy, url))
-        except httpx.HTTPError:
-            pass  # the replica was killed under the request: nothing to collect
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
