@@ -48,20 +48,12 @@ if [ -n "${EGRESS_WARDEN_MODE:-}" ]; then
     set -- "$@" --mode "$EGRESS_WARDEN_MODE"
 fi
 
-# --store and --state-dir are exclusive; with --store the CA and a generated token go to
-# ./.state (the image's WORKDIR is the state volume, so that is /var/lib/egress-warden/.state).
-store_arg=""
-for arg in "$@"; do
-    case "$arg" in --store | --store=*) store_arg=1 ;; esac
-done
-if [ -n "${EGRESS_WARDEN_STORE:-}" ] || [ -n "$store_arg" ]; then
-    if [ -z "$store_arg" ]; then
-        set -- "$@" --store "$EGRESS_WARDEN_STORE"
-    fi
-    state="$PWD/.state"
-else
-    state="${EGRESS_WARDEN_STATE_DIR:-/var/lib/egress-warden}"
-    set -- "$@" --state-dir "$state"
+# The state dir always holds the CA, a generated control token and the agents file; the
+# database lives there too unless a store URL (e.g. PostgreSQL for a fleet) is given.
+state="${EGRESS_WARDEN_STATE_DIR:-/var/lib/egress-warden}"
+set -- "$@" --state-dir "$state"
+if [ -n "${EGRESS_WARDEN_STORE:-}" ]; then
+    set -- "$@" --store "$EGRESS_WARDEN_STORE"
 fi
 
 while [ "$n" -gt 0 ]; do

@@ -24,6 +24,7 @@ from proxy.control.token import TOKEN_ENV
 URL_ENV = "EGRESS_WARDEN_CONTROL_URL"
 DEFAULT_CONTROL_URL = "http://127.0.0.1:8081"
 DEFAULT_STATE_DIR = ".state"
+STATE_DIR_ENV = "EGRESS_WARDEN_STATE_DIR"
 TOKEN_FILE_NAME = "control-token"
 DEFAULT_TIMEOUT = 10.0
 
@@ -519,8 +520,9 @@ def _add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> Non
     group.add_argument(
         "--state-dir",
         metavar="DIR",
-        default=default(DEFAULT_STATE_DIR),
-        help=f"state dir of the running instance, for its token (default: {DEFAULT_STATE_DIR})",
+        default=default(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR),
+        help=f"state dir of the running instance, for its token (default: ${STATE_DIR_ENV} "
+        f"or {DEFAULT_STATE_DIR})",
     )
     parser.add_argument(
         "--json",

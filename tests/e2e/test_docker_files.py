@@ -517,16 +517,13 @@ def test_entrypoint_maps_variables(fake_bin: Path, tmp_path: Path) -> None:
     assert "s3cret-token-value" not in err
 
 
-def test_entrypoint_store_wins_over_state_dir(fake_bin: Path, tmp_path: Path) -> None:
+def test_entrypoint_store_goes_with_the_state_dir(fake_bin: Path, tmp_path: Path) -> None:
     url = "postgresql://warden:pw@db:5432/warden"
     argv, _ = _entry(fake_bin, EGRESS_WARDEN_STORE=url, EGRESS_WARDEN_STATE_DIR=str(tmp_path))
     flags = _flags(argv)
+    # the database is the store; CA, token and agents file stay in the state dir
     assert flags["--store"] == [url]
-    assert "--state-dir" not in flags
-    # A --store given as an argument also replaces the default --state-dir.
-    argv, _ = _entry(fake_bin, "--store", url)
-    flags = _flags(argv)
-    assert flags["--store"] == [url] and "--state-dir" not in flags
+    assert flags["--state-dir"] == [str(tmp_path)]
 
 
 def test_entrypoint_passes_extra_args_last(fake_bin: Path) -> None:
