@@ -251,6 +251,8 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
     )
     # Large bodies are streamed, never buffered whole; the eMudhra signing options stay off.
+    if cfg.upstream_ca is not None:
+        master.options.update(ssl_verify_upstream_trusted_ca=str(cfg.upstream_ca))
     master.options.update(
         stream_large_bodies=cfg.stream_large_bodies,
         connection_strategy="eager",

@@ -5,18 +5,21 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import events, layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
 
+from proxy.decide import Decision, Reason, Verdict
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
+from proxy.inspection import decide_inspected
+from proxy.policy.model import InspectRule
 from proxy.responses import render_refusal
-from proxy.telemetry import ConnectionCloseEvent
+from proxy.telemetry import ConnectionCloseEvent, DecisionEvent
 
 _STRIPPED_PREFIX = "x-egress-warden-"
 
@@ -94,6 +97,23 @@ def _client_address(client: connection.Client) -> str | None:
     return str(peer[0]) if peer else None
 
 
+def _parse_host_header(header: str, default_port: int) -> tuple[Host | None, int]:
+    """Host and port of a Host header (`name`, `name:port`, `[v6]:port`); None if malformed."""
+    host_text, _, port_text = header.rpartition(":") if not header.endswith("]") else ("", "", "")
+    if not host_text or (host_text.startswith("[") and not host_text.endswith("]")):
+        host_text, port_text = header, ""
+    if port_text and not port_text.isdigit():
+        return None, 0
+    return _host_or_none(host_text), int(port_text) if port_text else default_port
+
+
+def _strip_client_headers(request: http.Request) -> None:
+    """Proxy credentials and X-Egress-Warden-* headers from the client never go upstream."""
+    for name in list(request.headers.keys()):
+        if name.lower() == "proxy-authorization" or name.lower().startswith(_STRIPPED_PREFIX):
+            del request.headers[name]
+
+
 def _identity(request: http.Request) -> Identity | None:
     return parse_proxy_authorization(request.headers.get("proxy-authorization"))
 
@@ -123,6 +143,8 @@ class EgressWarden:
         self._pins: dict[str, dict[object, _Pin]] = {}
         # server id -> meter of admitted CONNECT tunnels (raw TCP, no interception).
         self._tunnels: dict[str, _Meter] = {}
+        # server id -> (CONNECT facts, rule) of admitted tunnels to hosts under `inspect:`
+        self._inspected: dict[str, tuple[RequestFacts, InspectRule]] = {}
         self._tunnel_clients: dict[str, set[str]] = {}
 
     def _pin(self, client: connection.Client, key: object, admission: Admission, port: int) -> None:
@@ -153,8 +175,14 @@ class EgressWarden:
             flow.response = _refusal_response(admission, facts)
             return
         self._pin(flow.client_conn, flow.server_conn.id, admission, request.port)
-        self._tunnels[flow.server_conn.id] = _Meter(facts)
         self._tunnel_clients.setdefault(flow.client_conn.id, set()).add(flow.server_conn.id)
+        assert facts.host is not None
+        rule = self.gate.policy.current.inspect_rule(facts.host, facts.port)
+        if rule is not None:
+            # TLS is intercepted (with the proxy's CA) so method and path rules can apply.
+            self._inspected[flow.server_conn.id] = (facts, rule)
+        else:
+            self._tunnels[flow.server_conn.id] = _Meter(facts)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # An admitted CONNECT becomes a plain TCP tunnel: the agent sees the real certificate.
@@ -164,11 +192,13 @@ class EgressWarden:
                 nextlayer.layer = MeteredTunnel(nextlayer.context, meter)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        inspected = self._inspected.get(flow.server_conn.id)
+        if inspected is not None:
+            self._inspect(flow, *inspected)
+            return
         request = flow.request
         caller = self.gate.auth.identify(_identity(request))
-        for name in list(request.headers.keys()):
-            if name.lower() == "proxy-authorization" or name.lower().startswith(_STRIPPED_PREFIX):
-                del request.headers[name]
+        _strip_client_headers(request)
         invalid, detail = self._check_host_header(request)
         if caller.failure:
             invalid, detail = "auth_required", caller.failure
@@ -208,22 +238,44 @@ class EgressWarden:
         else:
             self._pin(flow.client_conn, (request.host, request.port), admission, request.port)
 
+    def _inspect(self, flow: http.HTTPFlow, tunnel: RequestFacts, rule: InspectRule) -> None:
+        """A request inside an intercepted tunnel: the tunnel's host, this method and path."""
+        request = flow.request
+        _strip_client_headers(request)
+        facts = replace(
+            tunnel,
+            request_id=_new_request_id(),
+            transport=Transport.HTTPS_INSPECTED,
+            method=request.method,
+            path=request.path.partition("?")[0],
+            traceparent=request.headers.get("traceparent") or tunnel.traceparent,
+        )
+        header = request.host_header
+        header_host, header_port = _parse_host_header(header, tunnel.port) if header else (None, 0)
+        if header is not None and (header_host != tunnel.host or header_port != tunnel.port):
+            decision = Decision(
+                Verdict.DENY, Reason.HOST_MISMATCH, detail="Host header does not match the tunnel"
+            )
+        else:
+            decision = decide_inspected(rule, request.method, request.path)
+        admission = Admission(decision)
+        self.gate.telemetry.emit(DecisionEvent(facts, decision, self.gate.policy.current.mode))
+        if not decision.allowed:
+            request.stream = False
+            flow.response = _refusal_response(admission, facts)
+            return
+        meter = _Meter(facts)
+        flow.metadata["egress.meter"] = meter
+        if request.stream:
+            request.stream = meter.count_sent
+
     @staticmethod
     def _check_host_header(request: http.Request) -> tuple[str | None, str]:
         header = request.host_header
         if header is None:
             return None, ""
         target = _host_or_none(request.host)
-        host_text, _, port_text = (
-            header.rpartition(":") if not header.endswith("]") else (header, "", "")
-        )
-        if not host_text or (host_text.startswith("[") and not host_text.endswith("]")):
-            host_text, port_text = header, ""
-        try:
-            port = int(port_text) if port_text else (443 if request.scheme == "https" else 80)
-        except ValueError:
-            return "host_mismatch", f"Host header {header!r} is malformed"
-        header_host = _host_or_none(host_text)
+        header_host, port = _parse_host_header(header, 443 if request.scheme == "https" else 80)
         if target is None or header_host is None or header_host != target or port != request.port:
             return "host_mismatch", f"Host header {header!r} does not match the request target"
         return None, ""
@@ -238,6 +290,8 @@ class EgressWarden:
         if pin is None or address is None:
             data.server.error = "egress-warden: upstream connection was not admitted"
             return
+        if data.server.sni is None and address[0] != pin.address:
+            data.server.sni = address[0]  # TLS to the upstream (if any) names the host, not the IP
         data.server.address = (pin.address, pin.port)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -269,6 +323,7 @@ class EgressWarden:
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._close_tunnel(data.server.id)
+        self._inspected.pop(data.server.id, None)
 
     def _close_tunnel(self, server_id: str) -> None:
         meter = self._tunnels.pop(server_id, None)

@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             resolve=resolve,
             store=args.store,
             audit_retention=args.audit_retention,
+            upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
+    run.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        help="CA bundle that verifies upstream certificates of hosts under `inspect:`",
+    )
     run.add_argument(
         "--audit-retention",
         type=int,

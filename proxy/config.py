@@ -38,6 +38,7 @@ class RunConfig:
     resolve: dict[str, IPAddress] = field(default_factory=dict)
     store: str | None = None  # default: sqlite:///<state_dir>/warden.db
     audit_retention: int = 100_000  # decision rows kept in the store
+    upstream_ca: Path | None = None  # extra CA bundle to verify upstreams of inspected hosts
     stream_large_bodies: str = "1m"
 
     @property

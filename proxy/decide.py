@@ -27,6 +27,7 @@ class Reason(StrEnum):
     HOST_MISMATCH = "host_mismatch"
     DENY_RULE = "deny_rule"
     PORT = "port"
+    METHOD = "method"
     PRIVATE_NETWORK = "private_network"
     ALLOW_RULE = "allow_rule"
     DEFAULT_ALLOW = "default_allow"
