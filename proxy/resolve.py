@@ -27,11 +27,19 @@ def parse_resolve_option(text: str) -> tuple[str, IPAddress]:
     return canonical.name, ip
 
 
-class Resolver:
-    """Resolves a host to the single address that will be dialled."""
+CACHE_SECONDS = 5.0  # short: the address is re-checked on every use, so this only saves lookups
+CACHE_ENTRIES = 10_000
 
-    def __init__(self, overrides: Mapping[str, IPAddress] | None = None) -> None:
+
+class Resolver:
+    """Resolves a host to the single address that will be dialled (answers cached briefly)."""
+
+    def __init__(
+        self, overrides: Mapping[str, IPAddress] | None = None, cache_seconds: float = CACHE_SECONDS
+    ) -> None:
         self._overrides = dict(overrides or {})
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[IPAddress, float]] = {}
 
     async def resolve(self, host: Host, port: int) -> IPAddress:
         """The address to dial: the IP literal itself, an override, or the first DNS answer."""
@@ -40,6 +48,17 @@ class Resolver:
         override = self._overrides.get(host.name)
         if override is not None:
             return override
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(host.name)
+        if cached is not None and cached[1] > loop.time():
+            return cached[0]
+        address = await self._lookup(host, port)
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[host.name] = (address, loop.time() + self._cache_seconds)
+        return address
+
+    async def _lookup(self, host: Host, port: int) -> IPAddress:
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(
