@@ -17,7 +17,7 @@ for p in $$(ls -d "$$root"/versions/3.* 2>/dev/null | sort -t. -k2,2nr -k3,3nr);
 done; exit 1
 endef
 
-.PHONY: install run test lint typecheck unit e2e bench clean
+.PHONY: install run test lint typecheck unit e2e bench bench-quick clean
 
 install: $(STAMP)
 
@@ -46,7 +46,10 @@ test: lint typecheck
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python benchmarks/bench_policy.py
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: install
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache

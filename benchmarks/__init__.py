@@ -1,0 +1,1 @@
+"""Benchmarks: the proxy harness (`run.py`) and the policy micro-benchmark (`bench_policy.py`)."""

@@ -1,0 +1,204 @@
+"""The proxies under test, started side by side on 127.0.0.1: none, bare mitmproxy, Squid and
+egress-warden with a 10-rule and a 100,000-rule policy."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import random
+import secrets
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.bench_policy import make_patterns
+from benchmarks.procs import (
+    VENV_BIN,
+    BenchError,
+    Proc,
+    Supervisor,
+    clean_env,
+    free_port,
+    port_open,
+    wait_until,
+    which,
+)
+from benchmarks.upstream import BENCH_HOST, Upstream
+
+NONE, MITMPROXY, SQUID, WARDEN_10, WARDEN_100K = "none", "mitmproxy", "squid", "ew10", "ew100k"
+PEER_ORDER = (NONE, MITMPROXY, SQUID, WARDEN_10, WARDEN_100K)
+LABELS = {
+    NONE: "no proxy",
+    MITMPROXY: "bare mitmproxy",
+    SQUID: "Squid",
+    WARDEN_10: "warden 10 rules",
+    WARDEN_100K: "warden 100k rules",
+}
+WARDENS = (WARDEN_10, WARDEN_100K)
+HELD_DOMAIN = "held.test"
+HELD_NAMES = 50  # h0.held.test .. h49.held.test, each pinned to 127.0.0.1
+APPROVAL_WAIT = "120s"
+POLICY_SEED = 1234
+# Generated allow entries on top of the two fixed ones (bench.test, 127.0.0.1/32).
+GENERATED_RULES = {WARDEN_10: 8, WARDEN_100K: 100_000}
+
+
+@dataclass(frozen=True)
+class Peer:
+    key: str
+    proc: Proc | None  # None: the no-proxy baseline
+    port: int | None  # the proxy's listening port
+    target: str  # the host clients put in URLs: a name egress-warden checks, else an IP
+    startup_s: float | None = None
+    rss_start_kib: int | None = None  # right after it became ready
+    control_port: int | None = None
+    token: str | None = None
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.key]
+
+    @property
+    def proxy_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}" if self.port is not None else None
+
+    @property
+    def is_warden(self) -> bool:
+        return self.key in WARDENS
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def held_names(count: int = HELD_NAMES) -> list[str]:
+    return [f"h{i}.{HELD_DOMAIN}" for i in range(count)]
+
+
+# --- bare mitmproxy -------------------------------------------------------------------------
+
+
+def start_mitmdump(sup: Supervisor, workdir: Path) -> Peer:
+    """`mitmdump` with no script; CONNECT is a raw tunnel (`--ignore-hosts '.*'`), like an
+    allowed egress-warden tunnel, and bodies over 1m are streamed as egress-warden does."""
+    workdir.mkdir()
+    port = free_port()
+    argv = [str(VENV_BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1"]
+    argv += ["--listen-port", str(port), "--ignore-hosts", ".*"]
+    argv += ["--set", f"confdir={workdir / 'conf'}", "--set", "stream_large_bodies=1m"]
+    argv += ["--set", "connection_strategy=eager"]
+    started = time.perf_counter()
+    proc = sup.spawn(MITMPROXY, argv, workdir / "mitmdump.log")
+    wait_until(lambda: port_open(port), proc, timeout=60)
+    return Peer(MITMPROXY, proc, port, "127.0.0.1", _since(started), proc.rss_kib())
+
+
+# --- Squid ----------------------------------------------------------------------------------
+
+
+def _squid_config(workdir: Path, port: int) -> str:
+    return f"""\
+http_port 127.0.0.1:{port}
+http_access allow all
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log {workdir}/cache.log
+pid_filename {workdir}/squid.pid
+coredump_dir {workdir}
+shutdown_lifetime 0 seconds
+pinger_enable off
+digest_generation off
+netdb_filename none
+max_filedescriptors 16384
+via off
+"""
+
+
+def _hand_to_squid_user(workdir: Path) -> None:
+    """Run as root, Squid drops to the `proxy` user: it must reach and write its directory."""
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam("proxy")
+    except KeyError:
+        return
+    workdir.parent.chmod(0o711)
+    os.chown(workdir, user.pw_uid, user.pw_gid)
+
+
+def start_squid(sup: Supervisor, workdir: Path) -> Peer:
+    workdir.mkdir()
+    port = free_port()
+    conf = workdir / "squid.conf"
+    conf.write_text(_squid_config(workdir, port))
+    _hand_to_squid_user(workdir)
+    argv = [which("squid") or "squid", "-N", "-f", str(conf)]
+    started = time.perf_counter()
+    proc = sup.spawn(SQUID, argv, workdir.parent / "squid.out")
+    wait_until(lambda: port_open(port), proc, timeout=60)
+    return Peer(SQUID, proc, port, "127.0.0.1", _since(started), proc.rss_kib())
+
+
+# --- egress-warden --------------------------------------------------------------------------
+
+
+def warden_policy(path: Path, extra_rules: int, ports: Sequence[int]) -> Path:
+    """bench.test and 127.0.0.1/32 (loopback is blocked unless a CIDR rule exempts it),
+    `extra_rules` generated entries (exact, `*.`, `**.`, in-label globs, CIDRs), default ask."""
+    patterns = make_patterns(extra_rules, random.Random(POLICY_SEED)) if extra_rules else []
+    lines = ["version: 1", "mode: enforce", "default: ask", "allow:"]
+    lines += [f"  - {BENCH_HOST}", '  - "127.0.0.1/32"']
+    lines += [f'  - "{p}"' for p in patterns]
+    lines += [f"network:\n  ports: [{', '.join(str(p) for p in sorted(ports))}]"]
+    lines += ["  block_private: true", f"approval:\n  wait: {APPROVAL_WAIT}\n  pending_ttl: 1h"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _healthy(control_port: int) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{control_port}/healthz", timeout=1) as response:
+            return int(response.status) == 200
+    except OSError:
+        return False
+
+
+def start_warden(sup: Supervisor, workdir: Path, key: str, rules: int, upstream: Upstream) -> Peer:
+    """`egress-warden run` with a generated policy; ready when `/healthz` answers 200."""
+    workdir.mkdir()
+    ports = (upstream.http_port, upstream.https_port)
+    policy = warden_policy(workdir / "policy.yaml", rules, ports)
+    port, control = free_port(), free_port()
+    argv = [str(VENV_BIN / "egress-warden"), "run", "--policy", str(policy)]
+    argv += ["--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{control}"]
+    argv += ["--state-dir", str(workdir / "state")]
+    for name in [BENCH_HOST, *held_names()]:
+        argv += ["--resolve", f"{name}:127.0.0.1"]
+    token = secrets.token_hex(16)
+    env = clean_env(EGRESS_WARDEN_CONTROL_TOKEN=token)
+    started = time.perf_counter()
+    proc = sup.spawn(key, argv, workdir / "warden.log", env=env)
+    wait_until(lambda: _healthy(control), proc, timeout=180, interval=0.05)
+    if not port_open(port):
+        raise BenchError(f"{key}: /healthz answered but the proxy port {port} is closed")
+    return Peer(key, proc, port, BENCH_HOST, _since(started), proc.rss_kib(), control, token)
+
+
+def start_peers(
+    sup: Supervisor, workdir: Path, upstream: Upstream, keys: Sequence[str]
+) -> dict[str, Peer]:
+    """Starts the peers one after the other, so that each start-up time is measured alone."""
+    peers = {NONE: Peer(NONE, None, None, "127.0.0.1")}
+    if MITMPROXY in keys:
+        peers[MITMPROXY] = start_mitmdump(sup, workdir / "mitmdump")
+    if SQUID in keys:
+        peers[SQUID] = start_squid(sup, workdir / "squid")
+    for key in WARDENS:
+        if key in keys:
+            peers[key] = start_warden(sup, workdir / key, key, GENERATED_RULES[key], upstream)
+    return peers

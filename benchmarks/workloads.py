@@ -1,0 +1,431 @@
+"""The workloads: each runs against every peer in turn and returns table rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import statistics
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import bench_policy
+from benchmarks.clients import (
+    LoadResult,
+    SilentUpstream,
+    close_all,
+    curl_download,
+    hey,
+    open_many,
+    open_tunnel,
+    send_pending,
+    sequential_http,
+    wrk,
+)
+from benchmarks.peers import (
+    MITMPROXY,
+    NONE,
+    PEER_ORDER,
+    SQUID,
+    WARDEN_10,
+    WARDEN_100K,
+    Peer,
+    held_names,
+)
+from benchmarks.procs import BenchError, Proc, run_tool, which
+from benchmarks.upstream import BIG_BYTES, BIG_PATH, SMALL_BODY, SMALL_PATH, Upstream
+
+HIGHER, LOWER, INFO = "higher", "lower", "info"  # INFO rows get no ratios
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: int = 5  # each throughput run (wrk / hey)
+    latency_seconds: int = 4  # each one-connection latency run
+    connections: int = 32
+    idle_tunnels: int = 1000
+    held: int = 1000
+    downloads: int = 3
+    open_concurrency: int = 50  # tunnels/held requests being set up at once
+
+
+FULL = Settings()
+QUICK = Settings(seconds=1, latency_seconds=1, idle_tunnels=200, held=200, downloads=1)
+
+
+@dataclass
+class Row:
+    workload: str
+    metric: str
+    better: str  # HIGHER or LOWER
+    values: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    upstream: Upstream
+    peers: dict[str, Peer]
+    workdir: Path
+    log: Callable[[str], None] = print
+    policy_results: list[tuple[int, float, float, float]] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def each(self, *, with_none: bool = True) -> Iterator[Peer]:
+        for key in PEER_ORDER:
+            if key in self.peers and (with_none or key != NONE):
+                yield self.peers[key]
+
+    def measure[T](self, peer: Peer, run: Callable[[Peer], T], show: Callable[[T], str]) -> T:
+        """Run one measurement; log its figure and the proxy's CPU use (share of one core)."""
+        cpu_before = peer.proc.cpu_seconds() if peer.proc else 0.0
+        started = time.perf_counter()
+        result = run(peer)
+        wall = time.perf_counter() - started
+        note = ""
+        if peer.proc is not None:
+            busy = (peer.proc.cpu_seconds() - cpu_before) / wall
+            self.cpu[peer.key] = busy * 100
+            note = f"  (proxy CPU {busy:.0%} of one core)"
+        self.log(f"  {peer.label:<18} {show(result)}{note}")
+        return result
+
+    def cpu_row(self, workload: str) -> Row:
+        """The proxies' CPU use during the runs just measured, as an INFO row."""
+        row = Row(workload, "proxy CPU during the run above (% of one core)", INFO, dict(self.cpu))
+        self.cpu.clear()
+        return row
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.upstream.ca_file))
+
+
+# --- request targets ------------------------------------------------------------------------
+
+
+def _http_target(bench: Bench, peer: Peer) -> dict[str, str | int]:
+    """wrk arguments: direct to nginx for the baseline, else absolute-form through the proxy."""
+    port = bench.upstream.http_port
+    if peer.port is None:
+        return {"connect_port": port, "path": SMALL_PATH, "host": f"127.0.0.1:{port}"}
+    authority = f"{peer.target}:{port}"
+    return {
+        "connect_port": peer.port,
+        "path": f"http://{authority}{SMALL_PATH}",
+        "host": authority,
+    }
+
+
+def _https_url(bench: Bench, peer: Peer, path: str) -> str:
+    return f"https://{peer.target}:{bench.upstream.https_port}{path}"
+
+
+def _wrk(bench: Bench, peer: Peer, connections: int, seconds: int) -> LoadResult:
+    target = _http_target(bench, peer)
+    return wrk(
+        bench.workdir,
+        connect_port=int(target["connect_port"]),
+        path=str(target["path"]),
+        host=str(target["host"]),
+        connections=connections,
+        seconds=seconds,
+    )
+
+
+def _sequential(bench: Bench, peer: Peer, seconds: float) -> LoadResult:
+    target = _http_target(bench, peer)
+    return sequential_http(
+        connect_port=int(target["connect_port"]),
+        path=str(target["path"]),
+        host=str(target["host"]),
+        seconds=seconds,
+    )
+
+
+def _hey(bench: Bench, peer: Peer, concurrency: int, seconds: int, keepalive: bool) -> LoadResult:
+    url = _https_url(bench, peer, SMALL_PATH)
+    return hey(url, peer.proxy_url, concurrency=concurrency, seconds=seconds, keepalive=keepalive)
+
+
+def _download(bench: Bench, peer: Peer) -> float:
+    url = _https_url(bench, peer, BIG_PATH)
+    return curl_download(url, peer.proxy_url, bench.upstream.ca_file, BIG_BYTES)
+
+
+def _rps(result: LoadResult) -> str:
+    return f"{result.rps:,.0f} req/s over {result.requests:,} requests"
+
+
+def _percentiles(result: LoadResult) -> str:
+    return (
+        f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, max {result.max_ms:.1f} ms"
+        f" ({result.requests:,} requests)"
+    )
+
+
+# --- check and warm-up ----------------------------------------------------------------------
+
+
+def check_and_warm(bench: Bench) -> None:
+    """Each peer must serve the small body over HTTP and HTTPS; then one second of load."""
+    curl = which("curl") or "curl"
+    for peer in bench.each():
+        target = _http_target(bench, peer)
+        proxy = ["-x", peer.proxy_url] if peer.proxy_url else []
+        http_url = f"http://{peer.target}:{bench.upstream.http_port}{SMALL_PATH}"
+        body = run_tool([curl, "-sS", "--max-time", "10", *proxy, http_url], timeout=20)
+        https_url = _https_url(bench, peer, SMALL_PATH)
+        cacert = ["--cacert", str(bench.upstream.ca_file)]
+        body2 = run_tool([curl, "-sS", "--max-time", "10", *cacert, *proxy, https_url], 20)
+        if body.encode() != SMALL_BODY or body2.encode() != SMALL_BODY:
+            raise BenchError(f"{peer.label}: unexpected body via {target}: {body[:200]!r}")
+        _wrk(bench, peer, 4, 1)
+        bench.log(f"  {peer.label}: ok")
+
+
+# --- the workloads --------------------------------------------------------------------------
+
+
+def http_rps(bench: Bench) -> list[Row]:
+    row = Row("plain HTTP", f"keep-alive req/s ({bench.settings.connections} conns)", HIGHER)
+    for peer in bench.each():
+        result = bench.measure(
+            peer,
+            lambda p: _wrk(bench, p, bench.settings.connections, bench.settings.seconds),
+            _rps,
+        )
+        row.values[peer.key] = result.rps
+    return [row, bench.cpu_row(row.workload)]
+
+
+def new_tunnels(bench: Bench) -> list[Row]:
+    c = bench.settings.connections
+    row = Row("HTTPS", f"new CONNECT tunnels/s, 1 request each ({c} conc.)", HIGHER)
+    for peer in bench.each():
+        result = bench.measure(
+            peer, lambda p: _hey(bench, p, c, bench.settings.seconds, False), _rps
+        )
+        row.values[peer.key] = result.rps
+    return [row, bench.cpu_row(row.workload)]
+
+
+def tunnel_rps(bench: Bench) -> list[Row]:
+    c = bench.settings.connections
+    row = Row("HTTPS", f"req/s inside {c} long-lived tunnels", HIGHER)
+    for peer in bench.each():
+        result = bench.measure(
+            peer, lambda p: _hey(bench, p, c, bench.settings.seconds, True), _rps
+        )
+        row.values[peer.key] = result.rps
+    return [row, bench.cpu_row(row.workload)]
+
+
+def throughput(bench: Bench) -> list[Row]:
+    runs = bench.settings.downloads
+    row = Row("HTTPS", f"tunnel MB/s, 100 MB download (median of {runs})", HIGHER)
+    for peer in bench.each():
+        speeds = bench.measure(
+            peer,
+            lambda p: [_download(bench, p) for _ in range(runs)],
+            lambda found: " ".join(f"{v:.0f}" for v in found) + " MB/s",
+        )
+        row.values[peer.key] = statistics.median(speeds)
+    return [row, bench.cpu_row(row.workload)]
+
+
+def latency(bench: Bench) -> list[Row]:
+    """One connection, sequential requests: p50/p99/max, and p50/p99 minus the no-proxy run."""
+    seconds = bench.settings.latency_seconds
+    kinds: dict[str, Callable[[Peer], LoadResult]] = {
+        "HTTP keep-alive request": lambda p: _sequential(bench, p, seconds),
+        "new tunnel + TLS + request": lambda p: _hey(bench, p, 1, seconds, False),
+    }
+    peers = list(bench.each())
+    rows: list[Row] = []
+    added: list[Row] = []
+    for kind, measure in kinds.items():
+        results = [bench.measure(peer, measure, _percentiles) for peer in peers]
+        p50, p99, worst = _latency_rows("latency", kind, results, peers)
+        rows += [p50, p99, worst]
+        added += [_added(p50), _added(p99)]
+    return rows + added
+
+
+def _latency_rows(
+    workload: str, kind: str, results: list[LoadResult], peers: list[Peer]
+) -> list[Row]:
+    rows = [Row(workload, f"{kind} {name} (ms)", LOWER) for name in ("p50", "p99", "max")]
+    for peer, result in zip(peers, results, strict=True):
+        for row, value in zip(rows, (result.p50_ms, result.p99_ms, result.max_ms), strict=True):
+            row.values[peer.key] = value
+    return rows
+
+
+def _added(row: Row) -> Row:
+    base = row.values.get(NONE)
+    added = Row(row.workload, "added " + row.metric, row.better)
+    for key, value in row.values.items():
+        if key != NONE and value is not None and base is not None:
+            added.values[key] = value - base
+    return added
+
+
+def idle_rss(bench: Bench) -> list[Row]:
+    """RSS with N, then 2N idle tunnels: the second batch gives the marginal cost, free of the
+    allocator pools that earlier workloads left behind (the first batch soaks those up)."""
+    n = bench.settings.idle_tunnels
+    rest = Row("memory", "RSS before the tunnels, after the load runs (MiB)", LOWER)
+    first = Row("memory", f"RSS with {n:,} idle TLS tunnels (MiB)", LOWER)
+    per = Row("memory", f"RSS per 1,000 idle TLS tunnels, {n:,} to {2 * n:,} (MiB)", LOWER)
+    for peer in bench.each(with_none=False):
+        before, one, two = (kib / 1024 for kib in asyncio.run(_rss_with_tunnels(bench, peer, n)))
+        bench.log(
+            f"  {peer.label:<18} {before:.1f} MiB, {one:.1f} with {n:,}, {two:.1f} with {2 * n:,}"
+        )
+        rest.values[peer.key], first.values[peer.key] = before, one
+        per.values[peer.key] = (two - one) * 1000 / n
+    return [rest, first, per]
+
+
+async def _rss_with_tunnels(bench: Bench, peer: Peer, n: int) -> list[int]:
+    """The proxy's RSS (KiB) before, with n and with 2n idle tunnels."""
+    assert peer.proc is not None and peer.port is not None
+    proc, proxy_port = peer.proc, peer.port
+    tls, port = bench.tls(), bench.upstream.https_port
+    await asyncio.sleep(1)
+    samples = [proc.rss_kib()]
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):
+            writers += await open_many(
+                [open_tunnel(proxy_port, peer.target, port, tls) for _ in range(n)],
+                bench.settings.open_concurrency,
+            )
+            await asyncio.sleep(IDLE_SETTLE)
+            samples.append(proc.rss_kib())
+    finally:
+        await close_all(writers)
+    await asyncio.sleep(1)
+    return samples
+
+
+def held(bench: Bench) -> list[Row]:
+    """Allowed latency while N requests are outstanding: held for approval in egress-warden,
+    waiting on an upstream that never answers in bare mitmproxy and Squid."""
+    n = bench.settings.held
+    cpu = Row("held", f"proxy CPU holding {n:,} requests, no other traffic (%)", LOWER)
+    peers, results = list(bench.each(with_none=False)), []
+    for peer in peers:
+        result, busy = asyncio.run(_latency_while_held(bench, peer, n))
+        bench.log(f"  {peer.label:<18} {_percentiles(result)}, holding costs {busy:.0%} CPU")
+        results.append(result)
+        cpu.values[peer.key] = busy * 100
+    kind = f"allowed HTTP request while {n:,} are held,"
+    return [*_latency_rows("held", kind, results, peers), cpu]
+
+
+async def _latency_while_held(bench: Bench, peer: Peer, n: int) -> tuple[LoadResult, float]:
+    """The allowed latency, and the share of one core the proxy burns just holding."""
+    assert peer.port is not None and peer.proc is not None
+    silent = SilentUpstream()
+    await silent.start()
+    try:
+        targets = _held_targets(bench, peer, n, silent.port)
+        writers = await open_many(
+            [send_pending(peer.port, url, host) for url, host in targets],
+            bench.settings.open_concurrency,
+        )
+        try:
+            await _wait_held(peer, silent, n)
+            busy = await _cpu_share(peer.proc, CPU_WINDOW)
+            seconds = bench.settings.latency_seconds
+            return await asyncio.to_thread(_sequential, bench, peer, seconds), busy
+        finally:
+            await close_all(writers)
+    finally:
+        await silent.close()
+
+
+def _held_targets(bench: Bench, peer: Peer, n: int, silent_port: int) -> list[tuple[str, str]]:
+    if peer.is_warden:
+        names = held_names(max(1, min(len(held_names()), n // 20)))
+        port = bench.upstream.http_port
+        hosts = [f"{names[i % len(names)]}:{port}" for i in range(n)]
+        return [(f"http://{host}/held/{i}", host) for i, host in enumerate(hosts)]
+    host = f"127.0.0.1:{silent_port}"
+    return [(f"http://{host}/held/{i}", host) for i in range(n)]
+
+
+IDLE_SETTLE = 1.5  # seconds between opening idle tunnels and reading RSS
+CPU_WINDOW = 2.0  # seconds over which the idle CPU of a holding proxy is sampled
+HOLD_TIMEOUT = 60.0  # seconds for all held requests to be registered
+
+
+async def _wait_held(peer: Peer, silent: SilentUpstream, n: int) -> None:
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    while time.monotonic() < deadline:
+        if peer.is_warden:
+            count = await asyncio.to_thread(_waiting_in_warden, peer)
+        else:
+            count = silent.accepted
+        if count >= n:
+            return
+        await asyncio.sleep(0.2)
+    raise BenchError(f"{peer.label}: only {count} of {n} requests held after {HOLD_TIMEOUT:.0f}s")
+
+
+async def _cpu_share(proc: Proc, seconds: float) -> float:
+    await asyncio.sleep(0.5)  # let the last registrations settle
+    start = proc.cpu_seconds()
+    await asyncio.sleep(seconds)
+    return (proc.cpu_seconds() - start) / seconds
+
+
+def _waiting_in_warden(peer: Peer) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{peer.control_port}/v1/pending",
+        headers={"Authorization": f"Bearer {peer.token}"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as response:
+        items = json.load(response)
+    return sum(int(item["waiting"]) for item in items)
+
+
+def policy(bench: Bench) -> list[Row]:
+    """Start-up to ready for every peer, then `bench_policy`'s load and lookup figures."""
+    startup = Row("policy", "process start to ready (s)", LOWER)
+    memory = Row("policy", "RSS right after start-up (MiB)", LOWER)
+    for peer in bench.each(with_none=False):
+        startup.values[peer.key] = peer.startup_s
+        if peer.rss_start_kib is not None:
+            memory.values[peer.key] = peer.rss_start_kib / 1024
+    rng = random.Random(bench_policy.SEED)
+    with tempfile.TemporaryDirectory(dir=bench.workdir) as tmp:
+        results = [bench_policy.measure(Path(tmp), n, rng) for n in (10, 100_000)]
+    bench.policy_results = results
+    load = Row("policy", "policy load, 10 / 100,000 rules (s)", LOWER)
+    hit = Row("policy", "lookup hit (ns)", LOWER)
+    miss = Row("policy", "lookup miss (ns)", LOWER)
+    for key, (_, load_s, hit_ns, miss_ns) in zip((WARDEN_10, WARDEN_100K), results, strict=True):
+        load.values[key], hit.values[key], miss.values[key] = load_s, hit_ns, miss_ns
+    return [startup, memory, load, hit, miss]
+
+
+WORKLOADS: dict[str, tuple[str, Callable[[Bench], list[Row]]]] = {
+    "http_rps": ("plain HTTP keep-alive requests/s (wrk)", http_rps),
+    "new_tunnels": ("new HTTPS CONNECT tunnels/s, one request each (hey)", new_tunnels),
+    "tunnel_rps": ("requests/s inside long-lived tunnels (hey)", tunnel_rps),
+    "throughput": ("tunnel throughput for a 100 MB download (curl)", throughput),
+    "latency": ("p50/p99/max latency, one connection (sequential client, hey)", latency),
+    "idle_rss": ("RSS per 1,000 idle TLS tunnels (asyncio)", idle_rss),
+    "held": ("allowed latency while 1,000 requests are held (asyncio)", held),
+    "policy": ("start-up, policy load and lookup at 100,000 rules", policy),
+}
+REFERENCES = (MITMPROXY, SQUID)
+SUBJECTS = (WARDEN_10, WARDEN_100K)
