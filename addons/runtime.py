@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -168,6 +169,8 @@ class PolicyReloader:
             self._state.current = self.effective(policy, warnings)
             if self.gate is not None:
                 self.gate.auth = auth
+            # A big policy is long-lived: keep the cyclic GC from re-scanning it (pauses).
+            gc.freeze()
             self.announce(warnings)
         if self.gate is not None:
             await self.gate.reevaluate_pending()
@@ -315,6 +318,9 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
         )
 
     announce_task = asyncio.create_task(announce())
+    # Everything built so far (policy, matchers, mitmproxy) lives for the whole run: freezing it
+    # keeps full garbage collections short (they otherwise paused a 100k-rule proxy ~0.5 s).
+    gc.freeze()
     try:
         await master.run()
     finally:

@@ -146,6 +146,8 @@ class ApprovalQueue:
         self._items: dict[str, PendingItem] = {}  # last known copy of the store's items
         self._waiting: dict[str, _Waiting] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watched: set[tuple[Callable[[], bool], asyncio.Future[None]]] = set()
+        self._sweeper: asyncio.Future[None] | None = None
 
     async def start(self) -> int:
         """Load pending items and grants that survived a restart; listen to other replicas."""
@@ -238,24 +240,40 @@ class ApprovalQueue:
             waiting = _Waiting(asyncio.get_running_loop().create_future())
             self._waiting[item.id] = waiting
         waiting.count += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.wait
+        # One sweeper checks every waiter's client; a waiter itself wakes only once.
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watch = (client_gone, gone) if client_gone is not None else None
+        if watch is not None:
+            self._watched.add(watch)
+            self._ensure_sweeper()
         try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return HoldResult(item, None)
-                done, _ = await asyncio.wait(
-                    {waiting.future}, timeout=min(remaining, POLL_INTERVAL)
-                )
-                if done:
-                    return HoldResult(item, waiting.future.result())
-                if client_gone is not None and client_gone():
-                    return HoldResult(item, None, abandoned=True)
+            futures: set[asyncio.Future[Any]] = {waiting.future, gone}
+            done, _ = await asyncio.wait(
+                futures, timeout=settings.wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiting.future in done:
+                return HoldResult(item, waiting.future.result())
+            return HoldResult(item, None, abandoned=gone in done)
         finally:
+            if watch is not None:
+                self._watched.discard(watch)
+            if not gone.done():
+                gone.cancel()
             waiting.count -= 1
             if waiting.count <= 0 and self._waiting.get(item.id) is waiting:
                 del self._waiting[item.id]
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Drop waiters whose client went away (checked every POLL_INTERVAL, for all at once)."""
+        while self._watched:
+            await asyncio.sleep(POLL_INTERVAL)
+            for client_gone, gone in list(self._watched):
+                if not gone.done() and client_gone():
+                    gone.set_result(None)
 
     async def _join(self, facts: RequestFacts, settings: ApprovalSettings) -> PendingItem:
         assert facts.host is not None
