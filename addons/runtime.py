@@ -13,12 +13,14 @@ import signal
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvicorn
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
 
 from addons.warden import EgressWarden
 from proxy.agents import AgentRegistry, AgentsFileError
@@ -43,6 +45,7 @@ from proxy.telemetry import PolicyEvent, Telemetry
 from proxy.telemetry.hub import Sink, StructlogSink
 from proxy.telemetry.otel import OtelSink, build_otel_sink
 from proxy.watch import FileWatcher
+from proxy.workers import REUSE_PORT_ENV
 
 log = structlog.get_logger("egress-warden")
 
@@ -53,10 +56,34 @@ class StartupError(Exception):
     """The process cannot start (port taken, bad state dir...): exit non-zero with this message."""
 
 
+def _reuse_port() -> bool:
+    """Set for the workers of `run --workers N`: they all bind the same ports."""
+    return os.environ.get(REUSE_PORT_ENV) == "1"
+
+
+class _ReusePortAsyncio:
+    """asyncio as mitmproxy's listener module sees it, with SO_REUSEPORT on start_server."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+        kwargs.setdefault("reuse_port", True)
+        return await asyncio.start_server(*args, **kwargs)
+
+
+def _listen_with_reuse_port() -> None:
+    # mitmproxy has no option for SO_REUSEPORT; its listener calls asyncio.start_server.
+    mode_servers.asyncio = _ReusePortAsyncio()  # type: ignore[attr-defined,assignment]
+
+
 def _bind(endpoint: Endpoint) -> socket.socket:
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if _reuse_port():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((endpoint.host, endpoint.port))
     except OSError as exc:
@@ -68,7 +95,7 @@ def _bind(endpoint: Endpoint) -> socket.socket:
 
 
 def _check_free(endpoint: Endpoint) -> None:
-    if endpoint.port != 0:
+    if endpoint.port != 0 and not _reuse_port():
         _bind(endpoint).close()
 
 
@@ -242,6 +269,8 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
     gate = Gate(state, Resolver(cfg.resolve), NetGuard([]), telemetry, grants, approvals, auth)
     reloader.gate = gate
 
+    if _reuse_port():
+        _listen_with_reuse_port()
     master = Master(_proxy_options(cfg), event_loop=asyncio.get_running_loop())
     ps = proxyserver.Proxyserver()
     master.addons.add(
@@ -309,6 +338,7 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
             proxy=f"{proxy_addr[0]}:{proxy_addr[1]}",
             control=f"{control_addr[0]}:{control_addr[1]}",
             mode=state.current.mode.value,
+            pid=os.getpid(),
             rules=len(state.current.allow) + len(state.current.deny),
             auth="required" if auth.required else "optional",
             agents=len(auth.registry) if auth.registry is not None else 0,

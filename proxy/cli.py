@@ -96,6 +96,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"egress-warden: {exc}", file=sys.stderr)
         return 2
 
+    if args.workers > 1:
+        from proxy.workers import supervise
+
+        run_argv = sys.argv[sys.argv.index("run") :] if "run" in sys.argv else ["run"]
+        return supervise(run_argv, args.workers, cfg.listen, cfg.control, cfg.state_dir)
+
     from addons.runtime import StartupError, serve  # the mitmproxy edge, loaded only to run
     from proxy.telemetry.hub import configure_logging, flush_logging
 
@@ -173,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N proxy processes on the same port, sharing the state store",
+    )
     run.add_argument(
         "--upstream-ca",
         metavar="FILE",
