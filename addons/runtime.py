@@ -149,20 +149,19 @@ class PolicyReloader:
         self.gate = gate
         self._lock = asyncio.Lock()
 
+    def _policy_paths(self) -> list[Path]:
+        paths = [*self._cfg.policy_files]
+        if self._cfg.requirements is not None:
+            paths.append(self._cfg.requirements)
+        return paths
+
     @property
     def files(self) -> tuple[str, ...]:
-        paths = [*self._cfg.policy_files]
-        if self._cfg.requirements is not None:
-            paths.append(self._cfg.requirements)
-        return tuple(str(p) for p in paths)
+        return tuple(str(p) for p in self._policy_paths())
 
     def watched(self) -> list[Path]:
-        paths = [*self._cfg.policy_files]
-        if self._cfg.requirements is not None:
-            paths.append(self._cfg.requirements)
         agents = agents_path(self._cfg, self._state.current) or self._cfg.state_dir / "agents.yaml"
-        paths.append(agents)
-        return paths
+        return [*self._policy_paths(), agents]
 
     def effective(self, policy: EffectivePolicy, warnings: list[str]) -> EffectivePolicy:
         if self._cfg.mode is None or self._cfg.mode is policy.mode:

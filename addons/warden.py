@@ -134,6 +134,19 @@ def _refusal_response(admission: Admission, facts: RequestFacts) -> http.Respons
     return response
 
 
+def _refuse(flow: http.HTTPFlow, admission: Admission, facts: RequestFacts) -> None:
+    flow.request.stream = False  # a refused upload is never streamed upstream
+    flow.response = _refusal_response(admission, facts)
+
+
+def _start_meter(flow: http.HTTPFlow, facts: RequestFacts) -> None:
+    """Count an admitted exchange's bytes (streamed request bodies are counted in passing)."""
+    meter = _Meter(facts)
+    flow.metadata["egress.meter"] = meter
+    if flow.request.stream:
+        flow.request.stream = meter.count_sent
+
+
 class EgressWarden:
     """Decides CONNECT in `http_connect` and plain HTTP in `requestheaders`; pins upstreams."""
 
@@ -222,13 +235,9 @@ class EgressWarden:
         flow.metadata["egress.request_id"] = facts.request_id
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
-            request.stream = False  # a refused upload is never streamed upstream
-            flow.response = _refusal_response(admission, facts)
+            _refuse(flow, admission, facts)
             return
-        meter = _Meter(facts)
-        flow.metadata["egress.meter"] = meter
-        if request.stream:
-            request.stream = meter.count_sent
+        _start_meter(flow, facts)
         assert admission.address is not None
         address = str(admission.address)
         if request.scheme == "http":
@@ -261,13 +270,9 @@ class EgressWarden:
         admission = Admission(decision)
         self.gate.telemetry.emit(DecisionEvent(facts, decision, self.gate.policy.current.mode))
         if not decision.allowed:
-            request.stream = False
-            flow.response = _refusal_response(admission, facts)
+            _refuse(flow, admission, facts)
             return
-        meter = _Meter(facts)
-        flow.metadata["egress.meter"] = meter
-        if request.stream:
-            request.stream = meter.count_sent
+        _start_meter(flow, facts)
 
     @staticmethod
     def _check_host_header(request: http.Request) -> tuple[str | None, str]:

@@ -181,9 +181,6 @@ class ApprovalQueue:
         self._items = {item.id: item for item in items}
         return [(i, self.waiting(i.id)) for i in items]
 
-    def get(self, item_id: str) -> PendingItem | None:
-        return self._items.get(item_id)
-
     def waiting(self, item_id: str) -> int:
         waiting = self._waiting.get(item_id)
         return waiting.count if waiting is not None else 0
@@ -191,10 +188,6 @@ class ApprovalQueue:
     def pending_count(self) -> int:
         """Known pending items (safe to call from another thread: one len())."""
         return len(self._items)
-
-    @property
-    def total_waiting(self) -> int:
-        return sum(w.count for w in self._waiting.values())
 
     async def take_one_shot(self, agent: str | None, host: str, port: int) -> Verdict | None:
         """A `once` approval given while nobody waited lets exactly one later request through."""

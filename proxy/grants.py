@@ -26,11 +26,6 @@ class GrantIndex:
         self._cache: dict[tuple[str | None, str | None], tuple[GrantRules, ...]] = {}
         self._next_expiry: float | None = None
 
-    def load(self, grants: Iterable[Grant]) -> None:
-        for grant in grants:
-            self._grants[grant.id] = grant
-        self._invalidate()
-
     def replace_persisted(self, grants: Iterable[Grant]) -> None:
         """Swap in the store's grants (always and once); session grants stay as they are."""
         kept = {k: g for k, g in self._grants.items() if g.scope is Scope.SESSION}
@@ -62,9 +57,6 @@ class GrantIndex:
             self._invalidate()
         return grant
 
-    def get(self, grant_id: str) -> Grant | None:
-        return self._grants.get(grant_id)
-
     def all(self) -> list[Grant]:
         """Live session and always grants (one-shot passes are internal)."""
         now = self._clock()
@@ -74,15 +66,6 @@ class GrantIndex:
             if g.scope is not Scope.ONCE and (g.expires_at is None or g.expires_at > now)
         ]
         return sorted(live, key=lambda g: g.created_at)
-
-    def end_session(self, agent: str, session: str) -> int:
-        """Drop the session grants of one agent session; returns how many."""
-        ended = [g.id for g in self._grants.values() if g.agent == agent and g.session == session]
-        for grant_id in ended:
-            del self._grants[grant_id]
-        if ended:
-            self._invalidate()
-        return len(ended)
 
     def _invalidate(self) -> None:
         self._cache.clear()
