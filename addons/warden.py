@@ -6,6 +6,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import events, layer, layers, server_hooks
@@ -73,12 +74,13 @@ class MeteredTunnel(layers.TCPLayer):
         self._meter = meter
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Not a generator itself: it hands back TCPLayer's, so no extra frame per chunk.
         if isinstance(event, events.DataReceived):
             if event.connection is self.context.client:
                 self._meter.sent += len(event.data)
             else:
                 self._meter.received += len(event.data)
-        yield from super().relay_messages(event)
+        return cast(layer.CommandGenerator[None], super().relay_messages(event))
 
 
 def _new_request_id() -> str:
