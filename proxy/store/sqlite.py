@@ -49,6 +49,8 @@ _DECISION_COLS = (
 )
 
 Row = Sequence[Any]
+# SQLITE_MAX_VARIABLE_NUMBER: 32,766 since SQLite 3.32, 999 before.
+_MAX_SQL_PARAMS = 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
 def _marks(cols: str) -> str:
@@ -538,11 +540,17 @@ class SqliteStore:
         """Append a batch of decision audit rows in one transaction, in the given order."""
         if not records:
             return
+        # One multi-row INSERT per chunk: executemany steps once per row, and each step hands
+        # the GIL to this connection's thread and back, which slowed the event loop.
+        rows = [_decision_params(d) for d in records]
+        width = len(rows[0])
+        per_statement = _MAX_SQL_PARAMS // width
         async with self._write() as conn:
-            await conn.executemany(
-                f"INSERT INTO decisions ({_DECISION_COLS}) VALUES ({_marks(_DECISION_COLS)})",
-                [_decision_params(d) for d in records],
-            )
+            for start in range(0, len(rows), per_statement):
+                chunk = rows[start : start + per_statement]
+                values = ", ".join([f"({_marks(_DECISION_COLS)})"] * len(chunk))
+                sql = f"INSERT INTO decisions ({_DECISION_COLS}) VALUES {values}"
+                await conn.execute(sql, [value for row in chunk for value in row])
 
     async def list_decisions(
         self, limit: int = 100, host: str | None = None, decision: str | None = None

@@ -41,28 +41,54 @@ def severity_of(event: Event) -> str:
 
 
 class _BackgroundWriter:
-    """Writes lines to a stream from a thread, so a slow reader never blocks the event loop."""
+    """Writes lines to a stream from a thread, so a slow reader never blocks the event loop.
+
+    The thread wakes every FLUSH_INTERVAL (or when BATCH_LINES are waiting) and writes what has
+    queued up in one go: one wake-up per line handed the GIL back and forth between the event
+    loop and this thread on every request, which cost the proxy a fifth of its request rate."""
+
+    FLUSH_INTERVAL = 0.05  # seconds a line may wait before it is written
+    BATCH_LINES = 2048  # or fewer, when this many are waiting
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="egress-log-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (line := self._queue.get()) is not None:
+        while True:
+            self._wake.wait(self.FLUSH_INTERVAL)
+            self._wake.clear()
+            closing = self._closing
+            lines = self._drain()
             try:
-                self._stream.write(line + "\n")
-                if self._queue.empty():
+                if lines:
+                    self._stream.write("\n".join(lines) + "\n")
                     self._stream.flush()
             except (OSError, ValueError):
                 return
+            if closing:
+                return
+
+    def _drain(self) -> list[str]:
+        lines: list[str] = []
+        try:
+            while True:
+                lines.append(self._queue.get_nowait())
+        except queue.Empty:
+            return lines
 
     def msg(self, message: str) -> None:
         self._queue.put(message)
+        if self._queue.qsize() >= self.BATCH_LINES:
+            self._wake.set()
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._closing = True
+        self._wake.set()
         self._thread.join(timeout=2)
 
 

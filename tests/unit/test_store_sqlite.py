@@ -238,6 +238,13 @@ async def test_decisions_newest_first_with_filters(store: SqliteStore) -> None:
     assert await store.list_decisions(host="nope.test") == []
 
 
+async def test_large_decision_batch_spans_statements_in_order(store: SqliteStore) -> None:
+    # More rows than one multi-row INSERT can carry (SQLite's bound-parameter limit).
+    batch = [decision(i, f"h{i % 7}.test") for i in range(5_000)]
+    await store.record_decisions(batch)
+    assert await store.list_decisions(limit=10_000) == list(reversed(batch))
+
+
 async def test_prune_decisions_keeps_newest(store: SqliteStore) -> None:
     batch = [decision(i) for i in range(10)]
     await store.record_decisions(batch)
