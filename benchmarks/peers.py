@@ -1,5 +1,5 @@
 """The proxies under test, started side by side on 127.0.0.1: none, bare mitmproxy, Squid and
-egress-warden with a 10-rule and a 100,000-rule policy."""
+egress-warden with a 10-rule and a 100,000-rule policy, and with the 10-rule policy on 2 workers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from pathlib import Path
 from benchmarks.bench_policy import make_patterns
 from benchmarks.procs import (
     VENV_BIN,
-    BenchError,
     Proc,
     Supervisor,
     clean_env,
     free_port,
+    listening_sockets,
     port_open,
     wait_until,
     which,
@@ -28,21 +28,25 @@ from benchmarks.procs import (
 from benchmarks.upstream import BENCH_HOST, Upstream
 
 NONE, MITMPROXY, SQUID, WARDEN_10, WARDEN_100K = "none", "mitmproxy", "squid", "ew10", "ew100k"
-PEER_ORDER = (NONE, MITMPROXY, SQUID, WARDEN_10, WARDEN_100K)
+WARDEN_10_W2 = "ew10w2"
+PEER_ORDER = (NONE, MITMPROXY, SQUID, WARDEN_10, WARDEN_100K, WARDEN_10_W2)
 LABELS = {
     NONE: "no proxy",
     MITMPROXY: "bare mitmproxy",
     SQUID: "Squid",
     WARDEN_10: "warden 10 rules",
     WARDEN_100K: "warden 100k rules",
+    WARDEN_10_W2: "warden 10 rules, 2 workers",
 }
-WARDENS = (WARDEN_10, WARDEN_100K)
+LABEL_WIDTH = max(len(label) for label in LABELS.values())  # log lines line up on it
+WARDENS = (WARDEN_10, WARDEN_100K, WARDEN_10_W2)
 HELD_DOMAIN = "held.test"
 HELD_NAMES = 50  # h0.held.test .. h49.held.test, each pinned to 127.0.0.1
 APPROVAL_WAIT = "120s"
 POLICY_SEED = 1234
 # Generated allow entries on top of the two fixed ones (bench.test, 127.0.0.1/32).
-GENERATED_RULES = {WARDEN_10: 8, WARDEN_100K: 100_000}
+GENERATED_RULES = {WARDEN_10: 8, WARDEN_100K: 100_000, WARDEN_10_W2: 8}
+WORKERS = {WARDEN_10_W2: 2}  # `run --workers N`; the others run one process
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Peer:
     rss_start_kib: int | None = None  # right after it became ready
     control_port: int | None = None
     token: str | None = None
+    workers: int = 1  # egress-warden proxy processes sharing the port (SO_REUSEPORT)
 
     @property
     def label(self) -> str:
@@ -168,8 +173,21 @@ def _healthy(control_port: int) -> bool:
         return False
 
 
-def start_warden(sup: Supervisor, workdir: Path, key: str, rules: int, upstream: Upstream) -> Peer:
-    """`egress-warden run` with a generated policy; ready when `/healthz` answers 200."""
+def _warden_ready(port: int, control: int, workers: int) -> bool:
+    """With `--workers N` every worker binds both ports (SO_REUSEPORT) and serves the control
+    API itself, so `/healthz` answers for whichever worker the kernel picks: the proxy port must
+    also have one listening socket per worker. A worker listens once its proxy is running, which
+    is also what makes its `/healthz` answer 200."""
+    if workers > 1 and listening_sockets(port) < workers:
+        return False
+    return _healthy(control) and port_open(port)
+
+
+def start_warden(
+    sup: Supervisor, workdir: Path, key: str, rules: int, upstream: Upstream, workers: int = 1
+) -> Peer:
+    """`egress-warden run` with a generated policy; ready when `/healthz` answers 200 and the
+    proxy port accepts (with `--workers N`: when all N workers listen on it)."""
     workdir.mkdir()
     ports = (upstream.http_port, upstream.https_port)
     policy = warden_policy(workdir / "policy.yaml", rules, ports)
@@ -177,16 +195,17 @@ def start_warden(sup: Supervisor, workdir: Path, key: str, rules: int, upstream:
     argv = [str(VENV_BIN / "egress-warden"), "run", "--policy", str(policy)]
     argv += ["--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{control}"]
     argv += ["--state-dir", str(workdir / "state")]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     for name in [BENCH_HOST, *held_names()]:
         argv += ["--resolve", f"{name}:127.0.0.1"]
     token = secrets.token_hex(16)
     env = clean_env(EGRESS_WARDEN_CONTROL_TOKEN=token)
     started = time.perf_counter()
     proc = sup.spawn(key, argv, workdir / "warden.log", env=env)
-    wait_until(lambda: _healthy(control), proc, timeout=180, interval=0.05)
-    if not port_open(port):
-        raise BenchError(f"{key}: /healthz answered but the proxy port {port} is closed")
-    return Peer(key, proc, port, BENCH_HOST, _since(started), proc.rss_kib(), control, token)
+    wait_until(lambda: _warden_ready(port, control, workers), proc, timeout=180, interval=0.05)
+    startup = _since(started)
+    return Peer(key, proc, port, BENCH_HOST, startup, proc.rss_kib(), control, token, workers)
 
 
 def start_peers(
@@ -200,5 +219,6 @@ def start_peers(
         peers[SQUID] = start_squid(sup, workdir / "squid")
     for key in WARDENS:
         if key in keys:
-            peers[key] = start_warden(sup, workdir / key, key, GENERATED_RULES[key], upstream)
+            rules, workers = GENERATED_RULES[key], WORKERS.get(key, 1)
+            peers[key] = start_warden(sup, workdir / key, key, rules, upstream, workers)
     return peers

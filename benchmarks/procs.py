@@ -64,6 +64,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN on 127.0.0.1:port (with SO_REUSEPORT, one per process bound)."""
+    local = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == local and fields[3] == "0A":  # 0A: TCP_LISTEN
+            count += 1
+    return count
+
+
 def raise_fd_limit() -> None:
     """Children inherit it: 1,000 tunnels need ~3,000 descriptors in the proxy."""
     import resource

@@ -7,14 +7,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers import LABELS, MITMPROXY, PEER_ORDER, SQUID, WARDEN_10, WARDEN_100K
-from benchmarks.workloads import HIGHER, INFO, Row
+from benchmarks.peers import (
+    LABELS,
+    MITMPROXY,
+    PEER_ORDER,
+    SQUID,
+    WARDEN_10,
+    WARDEN_10_W2,
+    WARDEN_100K,
+)
+from benchmarks.workloads import HIGHER, INFO, LOWER, REFERENCES, SUBJECTS, Row
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 RESULTS_START, RESULTS_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 POLICY_START, POLICY_END = "<!-- bench:policy:start -->", "<!-- bench:policy:end -->"
-RATIOS = [(s, r) for s in (WARDEN_10, WARDEN_100K) for r in (MITMPROXY, SQUID)]
-_SHORT = {MITMPROXY: "mitmproxy", SQUID: "Squid", WARDEN_10: "w10", WARDEN_100K: "w100k"}
+RATIOS = [(s, r) for s in SUBJECTS for r in REFERENCES]
+_SHORT = {
+    MITMPROXY: "mitmproxy",
+    SQUID: "Squid",
+    WARDEN_10: "w10",
+    WARDEN_100K: "w100k",
+    WARDEN_10_W2: "w10x2",
+}
+WORSE_BY = 0.05  # the stdout summary lists ratios to bare mitmproxy worse than this
 
 
 @dataclass(frozen=True)
@@ -38,12 +53,17 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def ratio(row: Row, subject: str, reference: str) -> str:
-    """subject / reference from the same run; nothing when either is missing or not positive."""
+def ratio_value(row: Row, subject: str, reference: str) -> float | None:
+    """subject / reference from the same run; None when either is missing or not positive."""
     s, r = row.values.get(subject), row.values.get(reference)
     if row.better == INFO or s is None or r is None or r <= 0 or s < 0:
-        return "—"
-    return f"{s / r:.2f}x"
+        return None
+    return s / r
+
+
+def ratio(row: Row, subject: str, reference: str) -> str:
+    value = ratio_value(row, subject, reference)
+    return "—" if value is None else f"{value:.2f}x"
 
 
 def header() -> list[str]:
@@ -73,6 +93,34 @@ def text_table(rows: Sequence[Row]) -> str:
     return "\n".join([render(table[0]), rule, *(render(line) for line in table[1:])])
 
 
+def _worse(row: Row, subject: str) -> float | None:
+    """subject / bare mitmproxy when that is more than WORSE_BY worse, else None."""
+    value = ratio_value(row, subject, MITMPROXY)
+    if value is None:
+        return None
+    worse = value < 1 - WORSE_BY if row.better == HIGHER else value > 1 + WORSE_BY
+    return value if worse else None
+
+
+def worse_summary(rows: Sequence[Row]) -> str:
+    """For stdout after the table: w10 and w100k against bare mitmproxy, beyond WORSE_BY
+    (`max` rows, a lottery of rare pauses, footprint rows and the policy rows left out)."""
+    head = (
+        f"rows where egress-warden is more than {WORSE_BY * 100:.0f} % worse than bare mitmproxy:"
+    )
+    lines = []
+    for row in rows:
+        if row.better not in (HIGHER, LOWER) or row.workload == "policy" or "max" in row.metric:
+            continue
+        if not row.per_use:
+            continue
+        worse = {s: v for s in (WARDEN_10, WARDEN_100K) if (v := _worse(row, s)) is not None}
+        if worse:
+            found = ", ".join(f"{_SHORT[s]} {v:.3f}x" for s, v in worse.items())
+            lines.append(f"  {row.workload} / {row.metric}: {found}")
+    return "\n".join([head, *lines]) if lines else f"{head} none"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     head = header()
     align = ["---", "---", "---"] + ["---:"] * (len(head) - 3)
@@ -93,8 +141,9 @@ Settings: {info.settings}.
 {markdown_table(rows)}
 
 Ratios are egress-warden divided by the reference from the same run (`w10`: 10-rule policy,
-`w100k`: 100,002 rules). Where higher is better a ratio below 1 means egress-warden is slower;
-where lower is better a ratio above 1 means it costs more.
+`w100k`: 100,002 rules, `w10x2`: the 10-rule policy on `run --workers 2`, two proxy processes on
+one port). Where higher is better a ratio below 1 means egress-warden is slower; where lower is
+better a ratio above 1 means it costs more.
 {RESULTS_END}"""
 
 

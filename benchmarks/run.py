@@ -1,5 +1,5 @@
 """Proxy benchmark harness: no proxy, bare mitmproxy, Squid and egress-warden (10 and 100,000
-rules) side by side on 127.0.0.1, in front of one nginx (HTTP and HTTPS).
+rules, and 10 rules on 2 workers) side by side on 127.0.0.1, in front of one nginx (HTTP, HTTPS).
 
 Run: .venv/bin/python benchmarks/run.py [--quick] [--only NAME[,NAME]] [--no-write]
      (`make bench`). Needs: apt-get install -y nginx-light squid wrk hey curl
@@ -31,7 +31,7 @@ from benchmarks.procs import (
     missing_tools,
     raise_fd_limit,
 )
-from benchmarks.report import RunInfo, text_table, update_doc
+from benchmarks.report import RunInfo, text_table, update_doc, worse_summary
 from benchmarks.upstream import start_nginx
 from benchmarks.workloads import FULL, QUICK, WORKLOADS, Bench, Row, Settings, check_and_warm
 
@@ -76,9 +76,12 @@ def run_workloads(bench: Bench, names: list[str]) -> list[Row]:
 def describe(settings: Settings) -> str:
     s = settings
     return (
+        f"{s.rounds} round{'s' if s.rounds != 1 else ''} of the req/s and latency runs (each "
+        "peer once per round, peer order rotated by one each round, medians reported), "
         f"{s.seconds} s per throughput run, {s.latency_seconds} s per latency run, "
         f"{s.connections} connections, {s.idle_tunnels:,} idle tunnels, {s.held:,} held "
-        f"requests, {s.downloads} download{'s' if s.downloads != 1 else ''}"
+        f"requests, {s.downloads} download{'s' if s.downloads != 1 else ''} per peer "
+        "(interleaved likewise)"
     )
 
 
@@ -114,6 +117,7 @@ def bench_run(args: argparse.Namespace, workdir: Path, sup: Supervisor) -> None:
     note = machine_note(load, foreign)
     log(note)
     print(text_table(rows))
+    print(f"\n{worse_summary(rows)}")
     if args.no_write or args.quick or args.only:
         log("docs/benchmarks.md not updated (only a full run without --no-write writes it)")
         return

@@ -1,4 +1,6 @@
-"""The workloads: each runs against every peer in turn and returns table rows."""
+"""The workloads: each runs against every peer and returns table rows. The load and latency
+workloads measure every peer once per round, in a peer order rotated by one each round, and
+report the median over the rounds."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import statistics
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +30,13 @@ from benchmarks.clients import (
     wrk,
 )
 from benchmarks.peers import (
+    LABEL_WIDTH,
     MITMPROXY,
     NONE,
     PEER_ORDER,
     SQUID,
     WARDEN_10,
+    WARDEN_10_W2,
     WARDEN_100K,
     Peer,
     held_names,
@@ -45,8 +49,9 @@ HIGHER, LOWER, INFO = "higher", "lower", "info"  # INFO rows get no ratios
 
 @dataclass(frozen=True)
 class Settings:
-    seconds: int = 5  # each throughput run (wrk / hey)
+    seconds: int = 4  # each throughput run (wrk / hey)
     latency_seconds: int = 4  # each one-connection latency run
+    rounds: int = 3  # req/s and latency workloads: every peer once per round, median reported
     connections: int = 32
     idle_tunnels: int = 1000
     held: int = 1000
@@ -55,7 +60,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(seconds=1, latency_seconds=1, idle_tunnels=200, held=200, downloads=1)
+QUICK = Settings(seconds=1, latency_seconds=1, rounds=1, idle_tunnels=200, held=200, downloads=1)
 
 
 @dataclass
@@ -64,6 +69,9 @@ class Row:
     metric: str
     better: str  # HIGHER or LOWER
     values: dict[str, float | None] = field(default_factory=dict)
+    # False: a footprint (RSS at rest, start-up), not a per-request or per-tunnel cost; shown
+    # with ratios but left out of the "more than 5 % worse than bare mitmproxy" summary.
+    per_use: bool = True
 
 
 @dataclass
@@ -74,14 +82,16 @@ class Bench:
     workdir: Path
     log: Callable[[str], None] = print
     policy_results: list[tuple[int, float, float, float]] = field(default_factory=list)
-    cpu: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # % of one core, per measurement
 
     def each(self, *, with_none: bool = True) -> Iterator[Peer]:
         for key in PEER_ORDER:
             if key in self.peers and (with_none or key != NONE):
                 yield self.peers[key]
 
-    def measure[T](self, peer: Peer, run: Callable[[Peer], T], show: Callable[[T], str]) -> T:
+    def measure[T](
+        self, peer: Peer, run: Callable[[Peer], T], show: Callable[[T], str], tag: str = ""
+    ) -> T:
         """Run one measurement; log its figure and the proxy's CPU use (share of one core)."""
         cpu_before = peer.proc.cpu_seconds() if peer.proc else 0.0
         started = time.perf_counter()
@@ -90,19 +100,52 @@ class Bench:
         note = ""
         if peer.proc is not None:
             busy = (peer.proc.cpu_seconds() - cpu_before) / wall
-            self.cpu[peer.key] = busy * 100
+            self.cpu.setdefault(peer.key, []).append(busy * 100)
             note = f"  (proxy CPU {busy:.0%} of one core)"
-        self.log(f"  {peer.label:<18} {show(result)}{note}")
+        prefix = f"[{tag}] " if tag else ""
+        self.log(f"  {prefix}{peer.label:<{LABEL_WIDTH}} {show(result)}{note}")
         return result
 
+    def rounds[T](
+        self,
+        run: Callable[[Peer], T],
+        show: Callable[[T], str],
+        count: int | None = None,
+        *,
+        with_none: bool = True,
+    ) -> dict[str, list[T]]:
+        """Every peer measured once per round, for `count` rounds (default `settings.rounds`);
+        round r goes through the peers rotated by r, so no peer is always first or last."""
+        peers = list(self.each(with_none=with_none))
+        found: dict[str, list[T]] = {peer.key: [] for peer in peers}
+        for r in range(self.settings.rounds if count is None else count):
+            for peer in rotated(peers, r):
+                found[peer.key].append(self.measure(peer, run, show, f"r{r + 1}"))
+        return found
+
     def cpu_row(self, workload: str) -> Row:
-        """The proxies' CPU use during the runs just measured, as an INFO row."""
-        row = Row(workload, "proxy CPU during the run above (% of one core)", INFO, dict(self.cpu))
+        """The proxies' mean CPU use over the runs just measured, as an INFO row."""
+        values: dict[str, float | None] = {
+            key: statistics.fmean(shares) for key, shares in self.cpu.items()
+        }
+        row = Row(workload, "proxy CPU during the run above (% of one core)", INFO, values)
         self.cpu.clear()
         return row
 
     def tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.upstream.ca_file))
+
+
+def rotated[T](items: Sequence[T], by: int) -> list[T]:
+    """`items` starting at index `by` (modulo the length) and wrapping round."""
+    if not items:
+        return []
+    start = by % len(items)
+    return [*items[start:], *items[:start]]
+
+
+def _median_rps(runs: dict[str, list[LoadResult]]) -> dict[str, float | None]:
+    return {key: statistics.median(r.rps for r in results) for key, results in runs.items()}
 
 
 # --- request targets ------------------------------------------------------------------------
@@ -192,78 +235,63 @@ def check_and_warm(bench: Bench) -> None:
 
 
 def http_rps(bench: Bench) -> list[Row]:
-    row = Row("plain HTTP", f"keep-alive req/s ({bench.settings.connections} conns)", HIGHER)
-    for peer in bench.each():
-        result = bench.measure(
-            peer,
-            lambda p: _wrk(bench, p, bench.settings.connections, bench.settings.seconds),
-            _rps,
-        )
-        row.values[peer.key] = result.rps
+    c, seconds = bench.settings.connections, bench.settings.seconds
+    row = Row("plain HTTP", f"keep-alive req/s ({c} conns)", HIGHER)
+    row.values = _median_rps(bench.rounds(lambda p: _wrk(bench, p, c, seconds), _rps))
     return [row, bench.cpu_row(row.workload)]
 
 
 def new_tunnels(bench: Bench) -> list[Row]:
-    c = bench.settings.connections
+    c, seconds = bench.settings.connections, bench.settings.seconds
     row = Row("HTTPS", f"new CONNECT tunnels/s, 1 request each ({c} conc.)", HIGHER)
-    for peer in bench.each():
-        result = bench.measure(
-            peer, lambda p: _hey(bench, p, c, bench.settings.seconds, False), _rps
-        )
-        row.values[peer.key] = result.rps
+    row.values = _median_rps(bench.rounds(lambda p: _hey(bench, p, c, seconds, False), _rps))
     return [row, bench.cpu_row(row.workload)]
 
 
 def tunnel_rps(bench: Bench) -> list[Row]:
-    c = bench.settings.connections
+    c, seconds = bench.settings.connections, bench.settings.seconds
     row = Row("HTTPS", f"req/s inside {c} long-lived tunnels", HIGHER)
-    for peer in bench.each():
-        result = bench.measure(
-            peer, lambda p: _hey(bench, p, c, bench.settings.seconds, True), _rps
-        )
-        row.values[peer.key] = result.rps
+    row.values = _median_rps(bench.rounds(lambda p: _hey(bench, p, c, seconds, True), _rps))
     return [row, bench.cpu_row(row.workload)]
 
 
 def throughput(bench: Bench) -> list[Row]:
+    """`downloads` rounds of one download per peer, the peer order rotated each round."""
     runs = bench.settings.downloads
     row = Row("HTTPS", f"tunnel MB/s, 100 MB download (median of {runs})", HIGHER)
-    for peer in bench.each():
-        speeds = bench.measure(
-            peer,
-            lambda p: [_download(bench, p) for _ in range(runs)],
-            lambda found: " ".join(f"{v:.0f}" for v in found) + " MB/s",
-        )
-        row.values[peer.key] = statistics.median(speeds)
+    speeds = bench.rounds(lambda p: _download(bench, p), lambda v: f"{v:.0f} MB/s", count=runs)
+    row.values = {key: statistics.median(found) for key, found in speeds.items()}
     return [row, bench.cpu_row(row.workload)]
 
 
 def latency(bench: Bench) -> list[Row]:
-    """One connection, sequential requests: p50/p99/max, and p50/p99 minus the no-proxy run."""
+    """One connection, sequential requests: p50/p99/max, and p50/p99 minus the no-proxy run.
+    p50 and p99 are the medians of the rounds' figures, max the largest of any round."""
     seconds = bench.settings.latency_seconds
     kinds: dict[str, Callable[[Peer], LoadResult]] = {
         "HTTP keep-alive request": lambda p: _sequential(bench, p, seconds),
         "new tunnel + TLS + request": lambda p: _hey(bench, p, 1, seconds, False),
     }
-    peers = list(bench.each())
     rows: list[Row] = []
     added: list[Row] = []
     for kind, measure in kinds.items():
-        results = [bench.measure(peer, measure, _percentiles) for peer in peers]
-        p50, p99, worst = _latency_rows("latency", kind, results, peers)
+        p50, p99, worst = _latency_rows("latency", kind, bench.rounds(measure, _percentiles))
         rows += [p50, p99, worst]
         added += [_added(p50), _added(p99)]
+    bench.cpu.clear()  # no CPU rows for the latency runs: one connection barely loads a proxy
     return rows + added
 
 
-def _latency_rows(
-    workload: str, kind: str, results: list[LoadResult], peers: list[Peer]
-) -> list[Row]:
-    rows = [Row(workload, f"{kind} {name} (ms)", LOWER) for name in ("p50", "p99", "max")]
-    for peer, result in zip(peers, results, strict=True):
-        for row, value in zip(rows, (result.p50_ms, result.p99_ms, result.max_ms), strict=True):
-            row.values[peer.key] = value
-    return rows
+def _latency_rows(workload: str, kind: str, runs: dict[str, list[LoadResult]]) -> list[Row]:
+    """p50 and p99: the median over the runs of each run's figure; max: the largest of all."""
+    p50, p99, worst = (
+        Row(workload, f"{kind} {name} (ms)", LOWER) for name in ("p50", "p99", "max")
+    )
+    for key, results in runs.items():
+        p50.values[key] = statistics.median(r.p50_ms for r in results)
+        p99.values[key] = statistics.median(r.p99_ms for r in results)
+        worst.values[key] = max(r.max_ms for r in results)
+    return [p50, p99, worst]
 
 
 def _added(row: Row) -> Row:
@@ -279,13 +307,14 @@ def idle_rss(bench: Bench) -> list[Row]:
     """RSS with N, then 2N idle tunnels: the second batch gives the marginal cost, free of the
     allocator pools that earlier workloads left behind (the first batch soaks those up)."""
     n = bench.settings.idle_tunnels
-    rest = Row("memory", "RSS before the tunnels, after the load runs (MiB)", LOWER)
-    first = Row("memory", f"RSS with {n:,} idle TLS tunnels (MiB)", LOWER)
+    rest = Row("memory", "RSS before the tunnels, after the load runs (MiB)", LOWER, per_use=False)
+    first = Row("memory", f"RSS with {n:,} idle TLS tunnels (MiB)", LOWER, per_use=False)
     per = Row("memory", f"RSS per 1,000 idle TLS tunnels, {n:,} to {2 * n:,} (MiB)", LOWER)
     for peer in bench.each(with_none=False):
         before, one, two = (kib / 1024 for kib in asyncio.run(_rss_with_tunnels(bench, peer, n)))
         bench.log(
-            f"  {peer.label:<18} {before:.1f} MiB, {one:.1f} with {n:,}, {two:.1f} with {2 * n:,}"
+            f"  {peer.label:<{LABEL_WIDTH}} {before:.1f} MiB, {one:.1f} with {n:,},"
+            f" {two:.1f} with {2 * n:,}"
         )
         rest.values[peer.key], first.values[peer.key] = before, one
         per.values[peer.key] = (two - one) * 1000 / n
@@ -316,39 +345,65 @@ async def _rss_with_tunnels(bench: Bench, peer: Peer, n: int) -> list[int]:
 
 def held(bench: Bench) -> list[Row]:
     """Allowed latency while N requests are outstanding: held for approval in egress-warden,
-    waiting on an upstream that never answers in bare mitmproxy and Squid."""
-    n = bench.settings.held
+    waiting on an upstream that never answers in bare mitmproxy and Squid. Every proxy holds
+    its N at once, then the latency is measured in rounds like the latency workload."""
+    return asyncio.run(_held_rounds(bench, bench.settings.held))
+
+
+async def _held_rounds(bench: Bench, n: int) -> list[Row]:
     cpu = Row("held", f"proxy CPU holding {n:,} requests, no other traffic (%)", LOWER)
-    peers, results = list(bench.each(with_none=False)), []
-    for peer in peers:
-        result, busy = asyncio.run(_latency_while_held(bench, peer, n))
-        bench.log(f"  {peer.label:<18} {_percentiles(result)}, holding costs {busy:.0%} CPU")
-        results.append(result)
-        cpu.values[peer.key] = busy * 100
-    kind = f"allowed HTTP request while {n:,} are held,"
-    return [*_latency_rows("held", kind, results, peers), cpu]
-
-
-async def _latency_while_held(bench: Bench, peer: Peer, n: int) -> tuple[LoadResult, float]:
-    """The allowed latency, and the share of one core the proxy burns just holding."""
-    assert peer.port is not None and peer.proc is not None
+    peers = list(bench.each(with_none=False))
     silent = SilentUpstream()
     await silent.start()
+    writers: list[asyncio.StreamWriter] = []
     try:
-        targets = _held_targets(bench, peer, n, silent.port)
-        writers = await open_many(
-            [send_pending(peer.port, url, host) for url, host in targets],
-            bench.settings.open_concurrency,
-        )
-        try:
-            await _wait_held(peer, silent, n)
+        for peer in peers:
+            writers += await _hold(bench, peer, silent, n)
+            assert peer.proc is not None
             busy = await _cpu_share(peer.proc, CPU_WINDOW)
-            seconds = bench.settings.latency_seconds
-            return await asyncio.to_thread(_sequential, bench, peer, seconds), busy
-        finally:
-            await close_all(writers)
+            bench.log(f"  {peer.label:<{LABEL_WIDTH}} holds {n:,}; holding costs {busy:.0%} CPU")
+            cpu.values[peer.key] = busy * 100
+        seconds = bench.settings.latency_seconds
+        runs = await asyncio.to_thread(
+            bench.rounds, lambda p: _sequential(bench, p, seconds), _percentiles, with_none=False
+        )
+        bench.cpu.clear()
     finally:
+        await close_all(writers)
         await silent.close()
+    kind = f"allowed HTTP request while {n:,} are held,"
+    return [*_latency_rows("held", kind, runs), cpu]
+
+
+async def _hold(
+    bench: Bench, peer: Peer, silent: SilentUpstream, n: int
+) -> list[asyncio.StreamWriter]:
+    """Sends n requests that stay outstanding; returns once the proxy holds them all."""
+    assert peer.port is not None
+    before = await _outstanding(peer, silent)
+    writers = await open_many(
+        [
+            send_pending(peer.port, url, host)
+            for url, host in _held_targets(bench, peer, n, silent.port)
+        ],
+        bench.settings.open_concurrency,
+    )
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    count = 0
+    while time.monotonic() < deadline:
+        count = await _outstanding(peer, silent) - before
+        if count >= n:
+            return writers
+        await asyncio.sleep(0.2)
+    await close_all(writers)
+    raise BenchError(f"{peer.label}: only {count} of {n} requests held after {HOLD_TIMEOUT:.0f}s")
+
+
+async def _outstanding(peer: Peer, silent: SilentUpstream) -> int:
+    """Requests the proxy holds: egress-warden's count, else the silent upstream's accepts."""
+    if peer.is_warden:
+        return await asyncio.to_thread(_held_in_warden, peer)
+    return silent.accepted
 
 
 def _held_targets(bench: Bench, peer: Peer, n: int, silent_port: int) -> list[tuple[str, str]]:
@@ -366,19 +421,6 @@ CPU_WINDOW = 2.0  # seconds over which the idle CPU of a holding proxy is sample
 HOLD_TIMEOUT = 60.0  # seconds for all held requests to be registered
 
 
-async def _wait_held(peer: Peer, silent: SilentUpstream, n: int) -> None:
-    deadline = time.monotonic() + HOLD_TIMEOUT
-    while time.monotonic() < deadline:
-        if peer.is_warden:
-            count = await asyncio.to_thread(_waiting_in_warden, peer)
-        else:
-            count = silent.accepted
-        if count >= n:
-            return
-        await asyncio.sleep(0.2)
-    raise BenchError(f"{peer.label}: only {count} of {n} requests held after {HOLD_TIMEOUT:.0f}s")
-
-
 async def _cpu_share(proc: Proc, seconds: float) -> float:
     await asyncio.sleep(0.5)  # let the last registrations settle
     start = proc.cpu_seconds()
@@ -386,7 +428,16 @@ async def _cpu_share(proc: Proc, seconds: float) -> float:
     return (proc.cpu_seconds() - start) / seconds
 
 
-def _waiting_in_warden(peer: Peer) -> int:
+def _held_in_warden(peer: Peer) -> int:
+    """A counter of held requests, read from `/v1/pending`; the caller subtracts the reading
+    taken before sending. One process: the items' `waiting`, the requests held right now.
+
+    With `--workers N` every worker serves the control API on the shared port and `waiting`
+    counts only the waiters of the worker that happened to answer, so the items' `count` is
+    summed instead: the store (shared by the workers) adds one to it, atomically, for every
+    request that joins the item on any worker, just before that request starts to wait. It never
+    goes down, hence the reading before; the harness keeps every held connection open and
+    `approval.wait` (120 s) outlasts the wait, so every request counted is still held."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{peer.control_port}/v1/pending",
         headers={"Authorization": f"Bearer {peer.token}"},
@@ -394,7 +445,8 @@ def _waiting_in_warden(peer: Peer) -> int:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
         items = json.load(response)
-    return sum(int(item["waiting"]) for item in items)
+    counter = "waiting" if peer.workers == 1 else "count"
+    return sum(int(item[counter]) for item in items)
 
 
 def policy(bench: Bench) -> list[Row]:
@@ -428,4 +480,4 @@ WORKLOADS: dict[str, tuple[str, Callable[[Bench], list[Row]]]] = {
     "policy": ("start-up, policy load and lookup at 100,000 rules", policy),
 }
 REFERENCES = (MITMPROXY, SQUID)
-SUBJECTS = (WARDEN_10, WARDEN_100K)
+SUBJECTS = (WARDEN_10, WARDEN_100K, WARDEN_10_W2)
