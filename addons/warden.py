@@ -80,7 +80,7 @@ class MeteredTunnel(layers.TCPLayer):
                 self._meter.sent += len(event.data)
             else:
                 self._meter.received += len(event.data)
-        return cast(layer.CommandGenerator[None], super().relay_messages(event))
+        return cast("layer.CommandGenerator[None]", super().relay_messages(event))
 
 
 # Request ids only need to be unique, not secret: a PRNG seeded once from the OS is enough, and
