@@ -33,7 +33,7 @@ class _Pin:
     port: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Meter:
     """Bytes each way and duration of one admitted connection or exchange."""
 

@@ -55,7 +55,7 @@ class Settings:
     connections: int = 32
     idle_tunnels: int = 1000
     held: int = 1000
-    downloads: int = 3
+    downloads: int = 7
     open_concurrency: int = 50  # tunnels/held requests being set up at once
 
 
