@@ -581,7 +581,9 @@ def test_entrypoint_runs_the_real_proxy_and_stops_on_sigterm(
         EGRESS_WARDEN_STATE_DIR=str(state),
     )
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    log = (tmp_path / "stderr.log").open("w+")
+    # Append mode: the child shares this file's offset, and our seek(0) before each read must
+    # not make its later (batched) log writes land over the lines already there.
+    log = (tmp_path / "stderr.log").open("a+")
     proc = subprocess.Popen(
         ["sh", str(ENTRYPOINT)],
         env=env,
