@@ -42,6 +42,7 @@ from proxy.store.sqlite import (
     _check_grant_scope,
     _decision_from,
     _decision_params,
+    _decisions_query,
     _grant_from,
     _grant_params,
     _pending_from,
@@ -368,19 +369,8 @@ class PostgresStore:
         """The newest `limit` decision rows matching the filters, newest first."""
         if limit <= 0:
             return []
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("host", host), ("decision", decision)):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
-        clause = f"WHERE {' AND '.join(where)} " if where else ""
-        params.append(limit)
-        rows = await self._fetch(
-            f"SELECT {_DECISION_COLS} FROM decisions {clause}ORDER BY seq DESC "
-            f"LIMIT ${len(params)}",
-            *params,
-        )
+        sql, params = _decisions_query(limit, host, decision, lambda n: f"${n}")
+        rows = await self._fetch(sql, *params)
         return [_decision_from(r) for r in rows]
 
     async def prune_decisions(self, keep: int) -> int:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,26 @@ _MAX_SQL_PARAMS = 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 def _marks(cols: str) -> str:
     return ", ".join("?" for _ in cols.split(","))
+
+
+_DECISION_MARKS = f"({_marks(_DECISION_COLS)})"  # one row's placeholders
+_DECISIONS_PER_INSERT = _MAX_SQL_PARAMS // len(_DECISION_COLS.split(","))
+
+
+def _decisions_query(
+    limit: int, host: str | None, decision: str | None, mark: Callable[[int], str]
+) -> tuple[str, list[Any]]:
+    """The newest-first decision query for both stores; `mark(n)` is the n-th placeholder."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("host", host), ("decision", decision)):
+        if value is not None:
+            params.append(value)
+            where.append(f"{column} = {mark(len(params))}")
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    params.append(limit)
+    order = f"ORDER BY seq DESC LIMIT {mark(len(params))}"
+    return f"SELECT {_DECISION_COLS} FROM decisions {clause}{order}", params
 
 
 def _upsert_sql(table: str, cols: str) -> str:
@@ -543,12 +563,10 @@ class SqliteStore:
         # One multi-row INSERT per chunk: executemany steps once per row, and each step hands
         # the GIL to this connection's thread and back, which slowed the event loop.
         rows = [_decision_params(d) for d in records]
-        width = len(rows[0])
-        per_statement = _MAX_SQL_PARAMS // width
         async with self._write() as conn:
-            for start in range(0, len(rows), per_statement):
-                chunk = rows[start : start + per_statement]
-                values = ", ".join([f"({_marks(_DECISION_COLS)})"] * len(chunk))
+            for start in range(0, len(rows), _DECISIONS_PER_INSERT):
+                chunk = rows[start : start + _DECISIONS_PER_INSERT]
+                values = ", ".join([_DECISION_MARKS] * len(chunk))
                 sql = f"INSERT INTO decisions ({_DECISION_COLS}) VALUES {values}"
                 await conn.execute(sql, [value for row in chunk for value in row])
 
@@ -558,19 +576,8 @@ class SqliteStore:
         """The newest `limit` decision rows matching the filters, newest first."""
         if limit <= 0:
             return []
-        where: list[str] = []
-        params: list[Any] = []
-        if host is not None:
-            where.append("host = ?")
-            params.append(host)
-        if decision is not None:
-            where.append("decision = ?")
-            params.append(decision)
-        clause = f"WHERE {' AND '.join(where)} " if where else ""
-        params.append(limit)
-        rows = await self._fetchall(
-            f"SELECT {_DECISION_COLS} FROM decisions {clause}ORDER BY seq DESC LIMIT ?", params
-        )
+        sql, params = _decisions_query(limit, host, decision, lambda _n: "?")
+        rows = await self._fetchall(sql, params)
         return [_decision_from(r) for r in rows]
 
     async def prune_decisions(self, keep: int) -> int:
