@@ -66,6 +66,19 @@ class _Meter:
         )
 
 
+@dataclass(slots=True)
+class _Tunnel(_Meter):
+    """An admitted CONNECT: the server connection it opened, the checked address that
+    connection may dial, the bytes it carries, and its `inspect:` rule if TLS is intercepted.
+
+    One flat record per tunnel, kept by client connection (an HTTP/1 client connection carries
+    at most one tunnel): each idle tunnel costs this object and one dict entry, nothing more."""
+
+    server_id: str = ""
+    pin: _Pin = _Pin("", 0)
+    inspect: InspectRule | None = None
+
+
 class MeteredTunnel(layers.TCPLayer):
     """A raw TCP tunnel (no interception, no per-chunk hooks) that counts bytes each way."""
 
@@ -159,17 +172,21 @@ class EgressWarden:
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        # client id -> (server id or (host, port)) -> pin; dropped with the client connection.
-        self._pins: dict[str, dict[object, _Pin]] = {}
-        # server id -> meter of admitted CONNECT tunnels (raw TCP, no interception).
-        self._tunnels: dict[str, _Meter] = {}
-        # server id -> (CONNECT facts, rule) of admitted tunnels to hosts under `inspect:`
-        self._inspected: dict[str, tuple[RequestFacts, InspectRule]] = {}
-        self._tunnel_clients: dict[str, set[str]] = {}
+        # client id -> (host, port) -> pin of admitted plain-HTTP and absolute-form requests;
+        # dropped with the client connection.
+        self._pins: dict[str, dict[tuple[str, int], _Pin]] = {}
+        # client id -> its admitted CONNECT tunnel; dropped with either connection.
+        self._tunnels: dict[str, _Tunnel] = {}
 
-    def _pin(self, client: connection.Client, key: object, admission: Admission, port: int) -> None:
+    def _pin(
+        self, client: connection.Client, key: tuple[str, int], admission: Admission, port: int
+    ) -> None:
         assert admission.address is not None
         self._pins.setdefault(client.id, {})[key] = _Pin(str(admission.address), port)
+
+    def _tunnel_of(self, client: connection.Client, server: connection.Server) -> _Tunnel | None:
+        tunnel = self._tunnels.get(client.id)
+        return tunnel if tunnel is not None and tunnel.server_id == server.id else None
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
@@ -194,27 +211,30 @@ class EgressWarden:
         if not admission.allowed:
             flow.response = _refusal_response(admission, facts)
             return
-        self._pin(flow.client_conn, flow.server_conn.id, admission, request.port)
-        self._tunnel_clients.setdefault(flow.client_conn.id, set()).add(flow.server_conn.id)
-        assert facts.host is not None
-        rule = self.gate.policy.current.inspect_rule(facts.host, facts.port)
-        if rule is not None:
-            # TLS is intercepted (with the proxy's CA) so method and path rules can apply.
-            self._inspected[flow.server_conn.id] = (facts, rule)
-        else:
-            self._tunnels[flow.server_conn.id] = _Meter(facts)
+        assert facts.host is not None and admission.address is not None
+        # TLS to a host under `inspect:` is intercepted (with the proxy's CA) so method and
+        # path rules can apply; any other tunnel is relayed untouched.
+        tunnel = _Tunnel(
+            facts,
+            server_id=flow.server_conn.id,
+            pin=_Pin(str(admission.address), request.port),
+            inspect=self.gate.policy.current.inspect_rule(facts.host, facts.port),
+        )
+        self._close_tunnel(self._tunnels.pop(flow.client_conn.id, None))
+        self._tunnels[flow.client_conn.id] = tunnel
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # An admitted CONNECT becomes a plain TCP tunnel: the agent sees the real certificate.
         if nextlayer.layer is None:
-            meter = self._tunnels.get(nextlayer.context.server.id)
-            if meter is not None:
-                nextlayer.layer = MeteredTunnel(nextlayer.context, meter)
+            context = nextlayer.context
+            tunnel = self._tunnel_of(context.client, context.server)
+            if tunnel is not None and tunnel.inspect is None:
+                nextlayer.layer = MeteredTunnel(context, tunnel)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        inspected = self._inspected.get(flow.server_conn.id)
-        if inspected is not None:
-            self._inspect(flow, *inspected)
+        tunnel = self._tunnel_of(flow.client_conn, flow.server_conn)
+        if tunnel is not None and tunnel.inspect is not None:
+            self._inspect(flow, tunnel.facts, tunnel.inspect)
             return
         request = flow.request
         caller = self.gate.auth.identify(_identity(request))
@@ -294,11 +314,11 @@ class EgressWarden:
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # Every upstream connection must have been admitted; dial the checked address only.
-        pins = self._pins.get(data.client.id, {})
         address = data.server.address
-        pin = pins.get(data.server.id)
+        tunnel = self._tunnel_of(data.client, data.server)
+        pin = tunnel.pin if tunnel is not None else None
         if pin is None and address is not None:
-            pin = pins.get((address[0], address[1]))
+            pin = self._pins.get(data.client.id, {}).get((address[0], address[1]))
         if pin is None or address is None:
             data.server.error = "egress-warden: upstream connection was not admitted"
             return
@@ -330,14 +350,13 @@ class EgressWarden:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._pins.pop(client.id, None)
-        for server_id in self._tunnel_clients.pop(client.id, ()):
-            self._close_tunnel(server_id)
+        self._close_tunnel(self._tunnels.pop(client.id, None))
 
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._close_tunnel(data.server.id)
-        self._inspected.pop(data.server.id, None)
+        if self._tunnel_of(data.client, data.server) is not None:
+            self._close_tunnel(self._tunnels.pop(data.client.id))
 
-    def _close_tunnel(self, server_id: str) -> None:
-        meter = self._tunnels.pop(server_id, None)
-        if meter is not None:
-            self.gate.telemetry.emit(meter.close_event())
+    def _close_tunnel(self, tunnel: _Tunnel | None) -> None:
+        # Raw tunnels report their bytes; an inspected one's exchanges each reported their own.
+        if tunnel is not None and tunnel.inspect is None:
+            self.gate.telemetry.emit(tunnel.close_event())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import ssl
 from pathlib import Path
 
@@ -174,3 +175,25 @@ def test_dns_failure_fails_closed_with_502(proxy: ProxyProcess) -> None:
         response = client.get("http://nowhere.allowed.test/")
     assert response.status_code == 502
     assert response.headers["x-egress-warden-reason"] == "dns_failure"
+
+
+def test_a_client_connection_carries_at_most_one_connect(
+    proxy: ProxyProcess, upstreams: Upstreams
+) -> None:
+    # The addon keeps one tunnel record per client connection; that relies on mitmproxy
+    # closing the connection after a refused CONNECT instead of reading another one.
+    target = f"allowed.test:{upstreams.https.port}"
+    with socket.create_connection((proxy.proxy_host, proxy.proxy_port), timeout=10) as sock:
+        sock.sendall(b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 403")
+        try:
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            rest = sock.recv(65536)
+            while chunk := sock.recv(65536):
+                rest += chunk
+        except ConnectionResetError:
+            rest = b""
+    assert b"HTTP/1.1 200" not in rest
