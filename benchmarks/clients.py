@@ -43,6 +43,9 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    # Every request's latency (ns, ascending) when the client timed each one itself, so that
+    # percentiles can be taken over several runs together; empty for wrk and hey.
+    latencies_ns: tuple[int, ...] = ()
 
 
 def _check_errors(tool: str, ok: int, failed: int) -> None:
@@ -110,13 +113,14 @@ def sequential_http(*, connect_port: int, path: str, host: str, seconds: float) 
     return LoadResult(
         requests=len(latencies),
         rps=len(latencies) / elapsed,
-        p50_ms=_percentile(latencies, 50) / 1e6,
-        p99_ms=_percentile(latencies, 99) / 1e6,
+        p50_ms=percentile(latencies, 50) / 1e6,
+        p99_ms=percentile(latencies, 99) / 1e6,
         max_ms=latencies[-1] / 1e6,
+        latencies_ns=tuple(latencies),
     )
 
 
-def _percentile(ordered: Sequence[int], p: float) -> float:
+def percentile(ordered: Sequence[int], p: float) -> float:
     """Nearest-rank percentile of an ascending sequence."""
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return float(ordered[rank - 1])

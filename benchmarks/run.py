@@ -77,7 +77,8 @@ def describe(settings: Settings) -> str:
     s = settings
     return (
         f"{s.rounds} round{'s' if s.rounds != 1 else ''} of the req/s and latency runs (each "
-        "peer once per round, peer order rotated by one each round, medians reported), "
+        "peer once per round, peer order rotated by one each round; medians reported, "
+        "one-connection HTTP percentiles over all rounds' requests together), "
         f"{s.seconds} s per throughput run, {s.latency_seconds} s per latency run, "
         f"{s.connections} connections, {s.idle_tunnels:,} idle tunnels, {s.held:,} held "
         f"requests, {s.downloads} download{'s' if s.downloads != 1 else ''} per peer "
