@@ -6,7 +6,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import cast
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import events, layer, layers, server_hooks
@@ -93,7 +92,8 @@ class MeteredTunnel(layers.TCPLayer):
                 self._meter.sent += len(event.data)
             else:
                 self._meter.received += len(event.data)
-        return cast("layer.CommandGenerator[None]", super().relay_messages(event))
+        relay: layer.CommandGenerator[None] = super().relay_messages(event)  # no call per chunk
+        return relay
 
 
 # Request ids only need to be unique, not secret: a PRNG seeded once from the OS is enough, and

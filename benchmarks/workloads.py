@@ -52,9 +52,11 @@ HIGHER, LOWER, INFO = "higher", "lower", "info"  # INFO rows get no ratios
 
 @dataclass(frozen=True)
 class Settings:
-    seconds: int = 4  # each throughput run (wrk / hey)
-    latency_seconds: int = 4  # each one-connection latency run
-    rounds: int = 3  # req/s and latency workloads: every peer once per round, median reported
+    seconds: int = 3  # each throughput run (wrk / hey)
+    latency_seconds: int = 3  # each one-connection latency run
+    # req/s and latency workloads: every peer once per round, median reported. One round's
+    # req/s moves by up to ±8 % for the same process, so 3 rounds could not settle 5 %.
+    rounds: int = 5
     connections: int = 32
     idle_tunnels: int = 1000
     held: int = 1000
@@ -287,7 +289,7 @@ def latency(bench: Bench) -> list[Row]:
 
 def _latency_rows(workload: str, kind: str, runs: dict[str, list[LoadResult]]) -> list[Row]:
     """p50 and p99 over every request of every run together when the client timed each request
-    (a p99 from one 4 s run rests on its 40 slowest requests and moves by ±20 % from run to
+    (a p99 from one 3 s run rests on its ~30 slowest requests and moves by ±20 % from run to
     run); otherwise (hey) the median over the runs of each run's figure. max: the largest."""
     p50, p99, worst = (
         Row(workload, f"{kind} {name} (ms)", LOWER) for name in ("p50", "p99", "max")
