@@ -194,8 +194,10 @@ class _Entry:
         return (self.rule.port is not None, self.kind, self.depth, -self.order)
 
 
-# port (None = any allowed port) -> entry
-_Bucket = dict[int | None, _Entry]
+# The rules of one pattern, by port (None = any allowed port). Most patterns appear once,
+# so a bucket of one rule is the entry itself: a dict per rule was a quarter of the memory of
+# a 100,000-rule policy.
+_Bucket = _Entry | dict[int | None, _Entry]
 
 
 class _Node:
@@ -229,19 +231,28 @@ class _Node:
 
 def _put(bucket: _Bucket | None, entry: _Entry) -> _Bucket:
     if bucket is None:
-        bucket = {}
-    bucket.setdefault(entry.rule.port, entry)  # the first duplicate keeps its source line
+        return entry
+    if isinstance(bucket, _Entry):
+        if bucket.rule.port == entry.rule.port:
+            return bucket  # the first duplicate keeps its source line
+        bucket = {bucket.rule.port: bucket}
+    bucket.setdefault(entry.rule.port, entry)
     return bucket
 
 
 def _pick(bucket: _Bucket | None, port: int, best: _Entry | None) -> _Entry | None:
     if bucket is None:
         return best
-    entry = bucket.get(port)
-    if entry is None:
-        entry = bucket.get(None)
+    entry: _Entry | None
+    if isinstance(bucket, _Entry):
+        rule_port = bucket.rule.port
+        entry = bucket if rule_port is None or rule_port == port else None
+    else:
+        entry = bucket.get(port)
         if entry is None:
-            return best
+            entry = bucket.get(None)
+    if entry is None:
+        return best
     if best is None or entry.score() > best.score():
         return entry
     return best
@@ -379,6 +390,11 @@ class RuleSet:
         for plen, table in tables:
             bucket = table.get(value >> (bits - plen))
             if bucket is None:
+                continue
+            if isinstance(bucket, _Entry):
+                rule_port = bucket.rule.port
+                if port is None or rule_port is None or rule_port == port:
+                    return bucket
                 continue
             if port is None:
                 return bucket.get(None) or next(iter(bucket.values()))

@@ -219,3 +219,25 @@ def test_exact_pattern_agrees_with_host_canonicaliser(name: str) -> None:
     canonical = canonicalize_host(name)
     assert parse_pattern(name).text == canonical.name
     assert ruleset(name).match(canonical, 443) is not None
+
+
+@pytest.mark.parametrize("name", ["api.example.com", "10.1.2.3"])
+def test_one_pattern_with_and_without_a_port_and_duplicates(name: str) -> None:
+    # One pattern's rules share a bucket: a lone rule, then per port once a second port comes.
+    alone = ruleset(f"{name}:8443")
+    assert matched(alone, name, 8443) == f"{name}:8443"
+    assert matched(alone, name, 443) is None
+    rules = ruleset(f"{name}:8443", name, name, f"{name}:8443")
+    assert matched(rules, name, 8443) == f"{name}:8443"
+    assert matched(rules, name, 443) == name
+    found = rules.match(host(name), 443)
+    assert found is not None and found.source == "test:1"  # the first duplicate's line
+    found = rules.match(host(name), 8443)
+    assert found is not None and found.source == "test:0"
+    if name[0].isdigit():
+        address = ipaddress.ip_address(name)
+        only_port = alone.match_address(address)
+        assert only_port is not None and only_port.pattern == f"{name}:8443"
+        assert alone.match_address(address, 443) is None
+        either = rules.match_address(address)
+        assert either is not None and either.pattern == name
