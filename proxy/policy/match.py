@@ -240,17 +240,21 @@ def _put(bucket: _Bucket | None, entry: _Entry) -> _Bucket:
     return bucket
 
 
+def _entry_for(bucket: _Bucket, port: int | None) -> _Entry | None:
+    """The bucket's rule for `port`, else its port-less rule; for no port, any of its rules
+    (the port-less one first)."""
+    if isinstance(bucket, _Entry):
+        rule_port = bucket.rule.port
+        return bucket if port is None or rule_port is None or rule_port == port else None
+    if port is None:
+        return bucket.get(None) or next(iter(bucket.values()))
+    return bucket.get(port) or bucket.get(None)
+
+
 def _pick(bucket: _Bucket | None, port: int, best: _Entry | None) -> _Entry | None:
     if bucket is None:
         return best
-    entry: _Entry | None
-    if isinstance(bucket, _Entry):
-        rule_port = bucket.rule.port
-        entry = bucket if rule_port is None or rule_port == port else None
-    else:
-        entry = bucket.get(port)
-        if entry is None:
-            entry = bucket.get(None)
+    entry = _entry_for(bucket, port)
     if entry is None:
         return best
     if best is None or entry.score() > best.score():
@@ -391,14 +395,7 @@ class RuleSet:
             bucket = table.get(value >> (bits - plen))
             if bucket is None:
                 continue
-            if isinstance(bucket, _Entry):
-                rule_port = bucket.rule.port
-                if port is None or rule_port is None or rule_port == port:
-                    return bucket
-                continue
-            if port is None:
-                return bucket.get(None) or next(iter(bucket.values()))
-            entry = bucket.get(port) or bucket.get(None)
+            entry = _entry_for(bucket, port)
             if entry is not None:
                 # Longest prefix first, and ports only exist on full-length prefixes, so the
                 # first hit is the most specific.
