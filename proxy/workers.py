@@ -30,19 +30,6 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _without_workers(argv: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers="):
-            out.append(arg)
-    return out
-
-
 def supervise(
     run_argv: Sequence[str], workers: int, listen: Endpoint, control: Endpoint, state_dir: Path
 ) -> int:
@@ -50,7 +37,8 @@ def supervise(
     listen = Endpoint(listen.host, listen.port or _free_port(listen.host))
     control = Endpoint(control.host, control.port or _free_port(control.host))
     load_or_create_token(state_dir)  # generated once, shared by every worker
-    argv = [*_without_workers(run_argv), "--listen", str(listen), "--control", str(control)]
+    # The last occurrence of an option wins: each worker runs alone on the fixed ports.
+    argv = [*run_argv, "--workers", "1", "--listen", str(listen), "--control", str(control)]
     env = {**os.environ, REUSE_PORT_ENV: "1"}
     children = [
         subprocess.Popen(
