@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,19 @@ approval:
 """
     )
     return path
+
+
+def ask_policy(path: Path, upstreams: Upstreams, approval: str, deny: Sequence[str] = ()) -> Path:
+    """`default: ask`, allowing allowed.test and the upstreams' address on ports 80, 443 and the
+    HTTP upstream's; `approval` is the approval section as a YAML flow mapping."""
+    ports = sorted({80, 443, upstreams.http.port})
+    denied = f"deny: [{', '.join(deny)}]\n" if deny else ""
+    return write_policy(
+        path,
+        upstreams,
+        body=f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n{denied}"
+        f"network: {{ports: {ports}}}\napproval: {approval}\n",
+    )
 
 
 def resolve_args() -> list[str]:

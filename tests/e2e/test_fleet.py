@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
+from tests.conftest import ALLOWED_IP, Upstreams, ask_policy, resolve_args
 from tests.support.control import TOKEN_ENV, api, approve, wait_pending
 from tests.support.postgres import PostgresServer, start_postgres
 from tests.support.proxy import ProxyProcess, start_proxy
@@ -31,14 +31,8 @@ def pg() -> Iterator[PostgresServer]:
 def _replica(
     upstreams: Upstreams, tmp: Path, name: str, dsn: str, wait: str = "20s"
 ) -> ProxyProcess:
-    ports = sorted({80, 443, upstreams.http.port})
-    policy = write_policy(
-        tmp / f"policy-{name}.yaml",
-        upstreams,
-        body=f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
-        f"deny: [evil.test]\nnetwork: {{ports: {ports}}}\n"
-        f"approval: {{wait: {wait}, pending_ttl: 1h}}\n",
-    )
+    approval = f"{{wait: {wait}, pending_ttl: 1h}}"
+    policy = ask_policy(tmp / f"policy-{name}.yaml", upstreams, approval, deny=["evil.test"])
     extra = resolve_args()
     for host in NAMES:
         extra += ["--resolve", f"{host}:{ALLOWED_IP}"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
+from tests.conftest import ALLOWED_IP, Upstreams, ask_policy, resolve_args
 from tests.support.control import TOKEN, TOKEN_ENV
 from tests.support.proxy import ProxyProcess, start_proxy
 
@@ -26,13 +26,7 @@ def load_proxy(
     upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("load")
-    ports = sorted({80, 443, upstreams.http.port})
-    policy = write_policy(
-        tmp / "policy.yaml",
-        upstreams,
-        body=f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
-        f"network: {{ports: {ports}}}\napproval: {{wait: 60s}}\n",
-    )
+    policy = ask_policy(tmp / "policy.yaml", upstreams, "{wait: 60s}")
     extra = resolve_args()
     for name in DESTINATIONS:
         extra += ["--resolve", f"{name}:{ALLOWED_IP}"]

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.proxy import REPO, free_port
+from tests.support.proxy import REPO, free_port, listening
 
 pytestmark = pytest.mark.e2e
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_bad_policy_refuses_to_start_and_nothing_listens(tmp_path: Path) -> None:
@@ -46,7 +41,7 @@ def test_bad_policy_refuses_to_start_and_nothing_listens(tmp_path: Path) -> None
     )
     assert result.returncode != 0
     assert f"{policy}:4:" in result.stderr
-    assert not _listening(port) and not _listening(control)
+    assert not listening(port) and not listening(control)
 
 
 def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:

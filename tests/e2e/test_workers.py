@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,26 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
+from tests.conftest import Upstreams, ask_policy, resolve_args
 from tests.support.control import TOKEN_ENV, approve, wait_pending
-from tests.support.proxy import free_port, start_proxy
+from tests.support.proxy import free_port, listening, start_proxy
 
 pytestmark = pytest.mark.e2e
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_two_workers_share_the_port_and_the_queue(upstreams: Upstreams, tmp_path: Path) -> None:
-    ports = sorted({80, 443, upstreams.http.port})
-    policy = write_policy(
-        tmp_path / "policy.yaml",
-        upstreams,
-        body=f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
-        f"network: {{ports: {ports}}}\napproval: {{wait: 20s}}\n",
-    )
+    policy = ask_policy(tmp_path / "policy.yaml", upstreams, "{wait: 20s}")
     port, control = free_port(), free_port()
     proxy = start_proxy(
         tmp_path / "state",
@@ -76,4 +64,4 @@ def test_two_workers_share_the_port_and_the_queue(upstreams: Upstreams, tmp_path
     finally:
         proxy.process.send_signal(signal.SIGTERM)
         assert proxy.process.wait(20) == 0
-    assert not _listening(port) and not _listening(control)
+    assert not listening(port) and not listening(control)

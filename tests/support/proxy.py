@@ -24,6 +24,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts connections on host:port."""
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
 @dataclass
 class ProxyProcess:
     process: subprocess.Popen[str]
