@@ -11,7 +11,6 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import events, layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
 
-from proxy.decide import Decision, Reason, Verdict
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
@@ -20,6 +19,7 @@ from proxy.inspection import decide_inspected
 from proxy.policy.model import InspectRule
 from proxy.responses import render_refusal
 from proxy.telemetry import ConnectionCloseEvent, DecisionEvent
+from proxy.verdicts import Decision, Reason, Verdict
 
 _STRIPPED_PREFIX = "x-egress-warden-"
 

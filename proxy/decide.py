@@ -4,57 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from proxy.facts import RequestFacts
 from proxy.hosts import IPAddress
 from proxy.netguard import AddressClass, NetGuard
 from proxy.policy.match import RuleSet
 from proxy.policy.model import DefaultAction, EffectivePolicy, Mode, Rule
+from proxy.verdicts import Decision, Reason, Tier, Verdict
 
-
-class Verdict(StrEnum):
-    ALLOW = "allow"
-    DENY = "deny"
-    HOLD = "hold"
-
-
-class Reason(StrEnum):
-    """Why a request was decided as it was; the code agents and SIEMs see."""
-
-    INVALID_HOST = "invalid_host"
-    INVALID_REQUEST = "invalid_request"
-    HOST_MISMATCH = "host_mismatch"
-    DENY_RULE = "deny_rule"
-    PORT = "port"
-    METHOD = "method"
-    PRIVATE_NETWORK = "private_network"
-    ALLOW_RULE = "allow_rule"
-    DEFAULT_ALLOW = "default_allow"
-    DEFAULT_DENY = "default_deny"
-    DEFAULT_ASK = "default_ask"
-    WOULD_DENY = "would_deny"
-    DNS_FAILURE = "dns_failure"
-    APPROVED = "approved"
-    APPROVAL_PENDING = "approval_pending"
-    APPROVAL_DENIED = "approval_denied"
-    APPROVAL_UNAVAILABLE = "approval_unavailable"
-    AUTH_REQUIRED = "auth_required"
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome, always with its reason and, when a rule decided, the rule and its source."""
-
-    verdict: Verdict
-    reason: Reason
-    rule: str | None = None
-    source: str | None = None  # "file:line" or a grant id
-    detail: str = ""
-
-    @property
-    def allowed(self) -> bool:
-        return self.verdict is Verdict.ALLOW
+__all__ = ["Decision", "GrantRules", "Reason", "Tier", "Verdict", "decide"]
 
 
 @dataclass(frozen=True, slots=True)

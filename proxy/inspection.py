@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from proxy.decide import Decision, Reason, Verdict
 from proxy.policy.model import InspectRule
+from proxy.verdicts import Decision, Reason, Verdict
 
 
 def decide_inspected(rule: InspectRule, method: str, path: str) -> Decision:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.decide import Decision, Reason
 from proxy.facts import RequestFacts
+from proxy.verdicts import Decision, Reason
 
 # RFC 9209 proxy error types for the Proxy-Status header.
 _PROXY_STATUS_ERROR: dict[Reason, str] = {

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.decide import Decision
 from proxy.facts import RequestFacts
 from proxy.hosts import IPAddress
 from proxy.policy.model import Mode
+from proxy.verdicts import Decision
 
 Attributes = dict[str, Any]
 

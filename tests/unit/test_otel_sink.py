@@ -11,7 +11,6 @@ import pytest
 from structlog.testing import capture_logs
 
 import proxy
-from proxy.decide import Decision, Reason, Verdict
 from proxy.facts import RequestFacts, Transport
 from proxy.hosts import canonicalize_host
 from proxy.policy.model import Mode
@@ -23,6 +22,7 @@ from proxy.telemetry.events import (
 )
 from proxy.telemetry.hub import Telemetry
 from proxy.telemetry.otel import OtelSink, build_otel_sink, otel_resource, parse_traceparent
+from proxy.verdicts import Decision, Reason, Verdict
 from tests.support.otlp import Collected, GrpcReceiver, HttpReceiver, closed_port, wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
