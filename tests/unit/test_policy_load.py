@@ -200,7 +200,7 @@ def test_merge_unions_lists_and_last_set_scalar_wins(tmp_path: Path) -> None:
         """\
         version: 1
         default: ask
-        allow: [pypi.org]
+        allow: [index.packages.test]
         network: {ports: [443]}
         approval: {pending_ttl: 10m}
         inspect: [{host: uploads.github.com, methods: [post]}]
@@ -212,7 +212,7 @@ def test_merge_unions_lists_and_last_set_scalar_wins(tmp_path: Path) -> None:
     policy = merge([load_policy_file(base), load_policy_file(overlay)])
     assert policy.mode is Mode.AUDIT  # overlay does not set it
     assert policy.default is DefaultAction.ASK  # overlay sets it
-    assert [r.pattern for r in policy.allow.rules] == ["github.com", "pypi.org"]
+    assert [r.pattern for r in policy.allow.rules] == ["github.com", "index.packages.test"]
     assert [r.pattern for r in policy.deny.rules] == ["**.pastebin.com"]
     assert policy.ports == frozenset({443})
     assert policy.block_private is False  # only base sets it

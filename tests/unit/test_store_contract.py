@@ -69,7 +69,7 @@ def approval(state: str, at: float, **kw: object) -> ApprovalRecord:
     fields: dict[str, object] = {
         "id": "p1",
         "state": state,
-        "host": "pypi.org",
+        "host": "index.packages.test",
         "port": 443,
         "agent": "claude",
         "scope": None,
@@ -200,7 +200,7 @@ async def test_join_pending_keys_on_agent_host_port(store: Store) -> None:
         pending("anon", agent=None, **base),
         pending("claude", agent="claude", **base),
         pending("other-port", agent="claude", port=8443, **base),
-        pending("other-host", agent="claude", host="files.pythonhosted.org", **base),
+        pending("other-host", agent="claude", host="files.packages.test", **base),
     ]
     for item in items:
         assert (await store.join_pending(item))[1] is True

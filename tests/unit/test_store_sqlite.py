@@ -44,7 +44,7 @@ def grant(gid: str = "g1", **kw: object) -> Grant:
 def pending(pid: str = "p1", **kw: object) -> PendingItem:
     fields: dict[str, object] = {
         "id": pid,
-        "host": "pypi.org",
+        "host": "index.packages.test",
         "port": 443,
         "scheme": "https",
         "method": "GET",
@@ -181,7 +181,7 @@ async def test_approval_round_trip_newest_first(store: SqliteStore) -> None:
     requested = ApprovalRecord(
         id="p1",
         state="requested",
-        host="pypi.org",
+        host="index.packages.test",
         port=443,
         agent="claude",
         scope=None,
@@ -195,7 +195,7 @@ async def test_approval_round_trip_newest_first(store: SqliteStore) -> None:
     approved = ApprovalRecord(
         id="p1",
         state="approved",
-        host="pypi.org",
+        host="index.packages.test",
         port=443,
         agent=None,
         scope=Scope.ALWAYS,
