@@ -1,4 +1,5 @@
-"""The egress-warden mitmproxy addon: adapts flows to the core's gate and back."""
+"""The egress-warden mitmproxy addon: translates flows into facts for the core's gate, and the
+gate's admissions back into responses, pinned upstreams and tunnels. It decides nothing."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from mitmproxy import connection, http
-from mitmproxy.proxy import events, layer, layers, server_hooks
+from mitmproxy.proxy import commands, events, layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
-from proxy.inspection import decide_inspected
 from proxy.policy.model import InspectRule
 from proxy.responses import render_refusal
-from proxy.telemetry import ConnectionCloseEvent, DecisionEvent
-from proxy.verdicts import Decision, Reason, Verdict
+from proxy.telemetry import ConnectionCloseEvent
+from proxy.verdicts import Reason
 
 _STRIPPED_PREFIX = "x-egress-warden-"
+_TLS_HANDSHAKE = 0x16
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,16 @@ class MeteredTunnel(layers.TCPLayer):
         return relay
 
 
+class RefusedTunnel(layer.Layer):
+    """A tunnel the gate refused after it was opened (its ClientHello named another host):
+    both connections are closed and no byte is relayed."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield commands.CloseConnection(self.context.client)
+        if self.context.server.connected:
+            yield commands.CloseConnection(self.context.server)
+
+
 # Request ids only need to be unique, not secret: a PRNG seeded once from the OS is enough, and
 # spares every request a getrandom() system call (3 % of a plain-HTTP request's time in py-spy).
 _request_ids = random.Random()
@@ -127,11 +139,19 @@ def _parse_host_header(header: str, default_port: int) -> tuple[Host | None, int
     return _host_or_none(host_text), int(port_text) if port_text else default_port
 
 
-def _strip_client_headers(request: http.Request) -> None:
-    """Proxy credentials and X-Egress-Warden-* headers from the client never go upstream."""
-    for name in list(request.headers.keys()):
-        if name.lower() == "proxy-authorization" or name.lower().startswith(_STRIPPED_PREFIX):
-            del request.headers[name]
+def strip_client_headers(request: http.Request) -> None:
+    """Proxy credentials and X-Egress-Warden-* headers from the client never go upstream.
+    One pass over the header list (deleting one by one is quadratic in the header count)."""
+    fields = request.headers.fields
+    kept = tuple(
+        (name, value)
+        for name, value in fields
+        if not (
+            name.lower() == b"proxy-authorization" or name[:16].lower() == _STRIPPED_PREFIX.encode()
+        )
+    )
+    if len(kept) != len(fields):
+        request.headers.fields = kept
 
 
 def _identity(request: http.Request) -> Identity | None:
@@ -168,10 +188,14 @@ def _start_meter(flow: http.HTTPFlow, facts: RequestFacts) -> None:
 
 
 class EgressWarden:
-    """Decides CONNECT in `http_connect` and plain HTTP in `requestheaders`; pins upstreams."""
+    """Turns CONNECT (`http_connect`), plain HTTP and inspected requests (`requestheaders`) and
+    raw tunnels' ClientHellos (`next_layer`) into facts for the gate; pins upstreams."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, marker: str = "egress-warden") -> None:
         self.gate = gate
+        # This instance's token in `Via`: a request that carries it has come round in a loop.
+        self._via = f"1.1 {marker}"
+        self._marker = marker.lower()
         # client id -> (host, port) -> pin of admitted plain-HTTP and absolute-form requests;
         # dropped with the client connection.
         self._pins: dict[str, dict[tuple[str, int], _Pin]] = {}
@@ -188,9 +212,18 @@ class EgressWarden:
         tunnel = self._tunnels.get(client.id)
         return tunnel if tunnel is not None and tunnel.server_id == server.id else None
 
+    def owns(self, nextlayer: layer.NextLayer) -> bool:
+        """An admitted raw tunnel: its layer is ours to choose (after its ClientHello)."""
+        tunnel = self._tunnel_of(nextlayer.context.client, nextlayer.context.server)
+        return tunnel is not None and tunnel.inspect is None
+
+    def _looped(self, request: http.Request) -> bool:
+        via = request.headers.get_all("via")
+        return any(self._marker in value.lower() for value in via)
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        caller = self.gate.auth.identify(_identity(request))
+        caller = self.gate.identify(_identity(request))
         facts = RequestFacts(
             request_id=_new_request_id(),
             raw_host=request.host,
@@ -201,7 +234,7 @@ class EgressWarden:
             scheme="https",
             agent=caller.agent,
             session=caller.session,
-            invalid="auth_required" if caller.failure else None,
+            invalid=Reason.AUTH_REQUIRED if caller.failure else None,
             invalid_detail=caller.failure or "",
             client_address=_client_address(flow.client_conn),
             traceparent=request.headers.get("traceparent"),
@@ -213,35 +246,57 @@ class EgressWarden:
             return
         assert facts.host is not None and admission.address is not None
         # TLS to a host under `inspect:` is intercepted (with the proxy's CA) so method and
-        # path rules can apply; any other tunnel is relayed untouched.
+        # path rules can apply; any other tunnel is relayed untouched after its ClientHello.
         tunnel = _Tunnel(
             facts,
             server_id=flow.server_conn.id,
             pin=_Pin(str(admission.address), request.port),
-            inspect=self.gate.policy.current.inspect_rule(facts.host, facts.port),
+            inspect=admission.inspect,
         )
         self._close_tunnel(self._tunnels.pop(flow.client_conn.id, None))
         self._tunnels[flow.client_conn.id] = tunnel
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        # An admitted CONNECT becomes a plain TCP tunnel: the agent sees the real certificate.
-        if nextlayer.layer is None:
-            context = nextlayer.context
-            tunnel = self._tunnel_of(context.client, context.server)
-            if tunnel is not None and tunnel.inspect is None:
-                nextlayer.layer = MeteredTunnel(context, tunnel)
+        # An admitted raw CONNECT: read the ClientHello's server name without intercepting,
+        # then relay untouched, or close both ends if it names another host.
+        if nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        tunnel = self._tunnel_of(context.client, context.server)
+        if tunnel is None or tunnel.inspect is not None:
+            return
+        hello = nextlayer.data_client()
+        if hello and hello[0] == _TLS_HANDSHAKE:
+            try:
+                parsed = parse_client_hello(hello)
+            except ValueError:
+                admission = self.gate.admit_tls_hello(tunnel.facts, None, malformed=True)
+            else:
+                if parsed is None:
+                    return  # the ClientHello is not complete yet: ask again on more data
+                admission = self.gate.admit_tls_hello(tunnel.facts, parsed.sni)
+            if not admission.allowed:
+                nextlayer.layer = RefusedTunnel(context)
+                self._tunnels.pop(context.client.id, None)
+                return
+        elif not hello and not nextlayer.data_server():
+            return  # nothing seen yet
+        nextlayer.layer = MeteredTunnel(context, tunnel)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         tunnel = self._tunnel_of(flow.client_conn, flow.server_conn)
         if tunnel is not None and tunnel.inspect is not None:
-            self._inspect(flow, tunnel.facts, tunnel.inspect)
+            self._inspect(flow, tunnel.facts)
             return
         request = flow.request
-        caller = self.gate.auth.identify(_identity(request))
-        _strip_client_headers(request)
+        caller = self.gate.identify(_identity(request))
+        looped = self._looped(request)
+        strip_client_headers(request)
         invalid, detail = self._check_host_header(request)
+        if looped:
+            invalid, detail = Reason.PRIVATE_NETWORK, "the request came back through this proxy"
         if caller.failure:
-            invalid, detail = "auth_required", caller.failure
+            invalid, detail = Reason.AUTH_REQUIRED, caller.failure
         is_ws = request.headers.get("upgrade", "").lower() == "websocket"
         facts = RequestFacts(
             request_id=_new_request_id(),
@@ -265,6 +320,7 @@ class EgressWarden:
             _refuse(flow, admission, facts)
             return
         _start_meter(flow, facts)
+        request.headers.add("Via", self._via)
         assert admission.address is not None
         address = str(admission.address)
         if request.scheme == "http":
@@ -274,42 +330,45 @@ class EgressWarden:
         else:
             self._pin(flow.client_conn, (request.host, request.port), admission, request.port)
 
-    def _inspect(self, flow: http.HTTPFlow, tunnel: RequestFacts, rule: InspectRule) -> None:
+    def _inspect(self, flow: http.HTTPFlow, tunnel: RequestFacts) -> None:
         """A request inside an intercepted tunnel: the tunnel's host, this method and path."""
         request = flow.request
-        _strip_client_headers(request)
+        strip_client_headers(request)
+        invalid, detail = None, ""
+        header = request.host_header
+        header_host, header_port = _parse_host_header(header, tunnel.port) if header else (None, 0)
+        if header is not None and (header_host != tunnel.host or header_port != tunnel.port):
+            invalid, detail = Reason.HOST_MISMATCH, "Host header does not match the tunnel"
+        if request.authority:
+            # An absolute-form target inside the tunnel must name the tunnel's own host.
+            target, port = _parse_host_header(request.authority, tunnel.port)
+            if target != tunnel.host or port != tunnel.port:
+                invalid, detail = Reason.HOST_MISMATCH, "request target does not match the tunnel"
         facts = replace(
             tunnel,
             request_id=_new_request_id(),
             transport=Transport.HTTPS_INSPECTED,
             method=request.method,
-            path=request.path.partition("?")[0],
+            path=request.path.partition("?")[0],  # as sent; the gate matches it normalised
+            invalid=invalid,
+            invalid_detail=detail,
             traceparent=request.headers.get("traceparent") or tunnel.traceparent,
         )
-        header = request.host_header
-        header_host, header_port = _parse_host_header(header, tunnel.port) if header else (None, 0)
-        if header is not None and (header_host != tunnel.host or header_port != tunnel.port):
-            decision = Decision(
-                Verdict.DENY, Reason.HOST_MISMATCH, detail="Host header does not match the tunnel"
-            )
-        else:
-            decision = decide_inspected(rule, request.method, request.path)
-        admission = Admission(decision)
-        self.gate.telemetry.emit(DecisionEvent(facts, decision, self.gate.policy.current.mode))
-        if not decision.allowed:
+        admission = self.gate.admit_inspected(facts)
+        if not admission.allowed:
             _refuse(flow, admission, facts)
             return
         _start_meter(flow, facts)
 
     @staticmethod
-    def _check_host_header(request: http.Request) -> tuple[str | None, str]:
+    def _check_host_header(request: http.Request) -> tuple[Reason | None, str]:
         header = request.host_header
         if header is None:
             return None, ""
         target = _host_or_none(request.host)
         header_host, port = _parse_host_header(header, 443 if request.scheme == "https" else 80)
         if target is None or header_host is None or header_host != target or port != request.port:
-            return "host_mismatch", f"Host header {header!r} does not match the request target"
+            return Reason.HOST_MISMATCH, f"Host header {header!r} does not match the target"
         return None, ""
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -355,6 +414,11 @@ class EgressWarden:
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         if self._tunnel_of(data.client, data.server) is not None:
             self._close_tunnel(self._tunnels.pop(data.client.id))
+
+    def close_all(self) -> None:
+        """At shutdown: every tunnel still open reports its bytes."""
+        for client_id in list(self._tunnels):
+            self._close_tunnel(self._tunnels.pop(client_id))
 
     def _close_tunnel(self, tunnel: _Tunnel | None) -> None:
         # Raw tunnels report their bytes; an inspected one's exchanges each reported their own.

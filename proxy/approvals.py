@@ -74,6 +74,7 @@ class HoldResult:
     item: PendingItem
     verdict: Verdict | None  # None: no answer in time (or the client left)
     abandoned: bool = False
+    draining: bool = False  # the proxy is shutting down: answered now, the item stays
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,57 @@ class ApprovalQueue:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watched: set[tuple[Callable[[], bool], asyncio.Future[None]]] = set()
         self._sweeper: asyncio.Future[None] | None = None
+        # Bounded state: pending items by (agent, host, port) and counts per agent, kept in step
+        # with `_items`, so the limit check is O(1) whatever the queue holds.
+        self._keys: dict[PendingKey, str] = {}
+        self._per_agent: dict[str | None, int] = {}
+        self._draining: asyncio.Future[None] | None = None
+
+    def _put(self, item: PendingItem) -> None:
+        if item.id not in self._items:
+            self._per_agent[item.agent] = self._per_agent.get(item.agent, 0) + 1
+        self._items[item.id] = item
+        self._keys[pending_key(item.agent, item.host, item.port)] = item.id
+
+    def _drop(self, item_id: str) -> None:
+        item = self._items.pop(item_id, None)
+        if item is None:
+            return
+        key = pending_key(item.agent, item.host, item.port)
+        if self._keys.get(key) == item_id:
+            del self._keys[key]
+        left = self._per_agent.get(item.agent, 1) - 1
+        if left > 0:
+            self._per_agent[item.agent] = left
+        else:
+            self._per_agent.pop(item.agent, None)
+
+    def _replace_items(self, items: list[PendingItem]) -> None:
+        self._items, self._keys, self._per_agent = {}, {}, {}
+        for item in items:
+            self._put(item)
+
+    def limit_reached(self, facts: RequestFacts, settings: ApprovalSettings) -> str | None:
+        """Why a new pending item for `facts` may not be created (None: it may, or it joins)."""
+        assert facts.host is not None
+        if pending_key(facts.agent, facts.host.name, facts.port) in self._keys:
+            return None  # joins the existing item
+        who = f"agent {facts.agent!r}" if facts.agent is not None else "anonymous agents"
+        if self._per_agent.get(facts.agent, 0) >= settings.max_pending:
+            return f"{who} already has {settings.max_pending} pending items (approval.max_pending)"
+        if len(self._items) >= settings.max_pending_total:
+            return (
+                f"{settings.max_pending_total} items are pending in all "
+                "(approval.max_pending_total)"
+            )
+        return None
+
+    def drain(self) -> None:
+        """Shutting down: answer every held request now (their items stay pending)."""
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_future()
+        if not self._draining.done():
+            self._draining.set_result(None)
 
     async def start(self) -> int:
         """Load pending items and grants that survived a restart; listen to other replicas."""
@@ -158,7 +210,7 @@ class ApprovalQueue:
     async def sync(self) -> None:
         """Re-read pending items and persisted grants from the store."""
         items = await self._store.list_pending(self._clock())
-        self._items = {item.id: item for item in items}
+        self._replace_items(items)
         self._grants.replace_persisted(await self._store.list_grants())
 
     # -- queries ---------------------------------------------------------------------------
@@ -178,7 +230,7 @@ class ApprovalQueue:
         except StoreError as exc:
             log.warning("egress.store", error=str(exc))
             return self.snapshot()
-        self._items = {item.id: item for item in items}
+        self._replace_items(items)
         return [(i, self.waiting(i.id)) for i in items]
 
     def waiting(self, item_id: str) -> int:
@@ -239,14 +291,16 @@ class ApprovalQueue:
         if watch is not None:
             self._watched.add(watch)
             self._ensure_sweeper()
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_future()
         try:
-            futures: set[asyncio.Future[Any]] = {waiting.future, gone}
+            futures: set[asyncio.Future[Any]] = {waiting.future, gone, self._draining}
             done, _ = await asyncio.wait(
                 futures, timeout=settings.wait, return_when=asyncio.FIRST_COMPLETED
             )
             if waiting.future in done:
                 return HoldResult(item, waiting.future.result())
-            return HoldResult(item, None, abandoned=gone in done)
+            return HoldResult(item, None, abandoned=gone in done, draining=self._draining in done)
         finally:
             if watch is not None:
                 self._watched.discard(watch)
@@ -285,7 +339,7 @@ class ApprovalQueue:
             expires_at=now + settings.pending_ttl,
         )
         item, created = await self._store.join_pending(candidate)
-        self._items[item.id] = item
+        self._put(item)
         if created:
             await self._store.record_approval(self._record(item, "requested"))
             self._notify(CHANNEL_PENDING, item.id)
@@ -312,23 +366,30 @@ class ApprovalQueue:
         outcome: Outcome,
         *,
         scope: Scope,
-        grant_for: GrantFor,
+        grant_for: GrantFor | None,
         note: str,
         approver: str,
         allowed_scopes: frozenset[Scope],
         reviewer: str = "human",
+        by_policy: bool = False,
     ) -> ResolveResult:
-        """Approve or deny a pending item: release its waiters (on every replica), record it."""
+        """Approve or deny a pending item: release its waiters (on every replica), record it.
+
+        `grant_for` None: the item's own agent, or all agents when no agent asked for it.
+        """
         if scope not in allowed_scopes:
             allowed = ", ".join(sorted(s.value for s in allowed_scopes))
             raise ApprovalError(
                 "scope_not_allowed", f"scope {scope.value!r} is not allowed here ({allowed})", 422
             )
+        if grant_for is not GrantFor.ALL:
+            # Checked before the item is claimed, so a refused request leaves it pending.
+            grant_for = await self._grant_for_item(item_id, grant_for, by_policy)
         try:
             item = await self._store.claim_pending(item_id)
         except StoreError as exc:
             raise ApprovalError("store_unavailable", str(exc), 503) from exc
-        self._items.pop(item_id, None)
+        self._drop(item_id)
         if item is None:
             raise ApprovalError(
                 "not_found", f"no pending item with id {item_id!r} (resolved or expired)", 404
@@ -396,6 +457,34 @@ class ApprovalQueue:
         )
         return ResolveResult(item, verdict, released, grant)
 
+    async def _grant_for_item(
+        self, item_id: str, grant_for: GrantFor | None, by_policy: bool
+    ) -> GrantFor:
+        """Whom a resolution of `item_id` covers. A grant "for the agent" of an item no
+        authenticated agent asked for would be a grant without an agent, which covers every
+        caller: an approver asking for that is refused rather than given more than they asked.
+        A policy re-evaluation decides each item on its own and is not asked whom to cover."""
+        if grant_for is GrantFor.AGENT and by_policy:
+            return grant_for
+        item = self._items.get(item_id)
+        if item is None:
+            try:
+                item = await self._store.get_pending(item_id)
+            except StoreError as exc:
+                raise ApprovalError("store_unavailable", str(exc), 503) from exc
+        if item is None:
+            return grant_for or GrantFor.AGENT  # claiming it answers not_found
+        if item.agent is not None:
+            return GrantFor.AGENT
+        if grant_for is None:
+            return GrantFor.ALL
+        raise ApprovalError(
+            "for_agent_without_agent",
+            f"pending item {item_id!r} has no authenticated agent, so there is no agent to "
+            'approve or deny it for; use "for": "all" (it covers every agent)',
+            422,
+        )
+
     async def _resolve_siblings(self, item: PendingItem, verdict: Verdict) -> int:
         released = 0
         for other in await self._store.list_pending(self._clock()):
@@ -404,7 +493,7 @@ class ApprovalQueue:
             claimed = await self._store.claim_pending(other.id)
             if claimed is None:
                 continue
-            self._items.pop(other.id, None)
+            self._drop(other.id)
             sibling = replace(verdict, pending_id=other.id)
             await self._store.record_approval(
                 replace(
@@ -506,6 +595,7 @@ class ApprovalQueue:
                     approver=POLICY_APPROVER,
                     allowed_scopes=frozenset(Scope),
                     reviewer="auto",
+                    by_policy=True,
                 )
             except ApprovalError:
                 continue  # resolved meanwhile by someone else
@@ -544,7 +634,7 @@ class ApprovalQueue:
 
     async def _resolved(self, item_id: str) -> None:
         """Another replica resolved `item_id`: release what waits on it here."""
-        self._items.pop(item_id, None)
+        self._drop(item_id)
         if item_id not in self._waiting:
             return
         record = await self._store.latest_approval(item_id)
@@ -555,11 +645,15 @@ class ApprovalQueue:
     async def _resync_grants(self) -> None:
         self._grants.replace_persisted(await self._store.list_grants())
 
-    async def reconcile(self) -> None:
-        """Catch up with the store: resolutions whose notification was lost, grant changes."""
-        live = {item.id for item, _ in await self.listing()}
-        for item_id in [i for i in self._waiting if i not in live]:
-            await self._resolved(item_id)
+    async def reconcile(self, full: bool = True) -> None:
+        """Catch up with the store: resolutions whose notification was lost, grant changes.
+
+        The pending listing is read only when requests wait here or on a `full` pass, so a
+        quiet tick costs one grants query, not one pass over the queue."""
+        if self._waiting or full:
+            live = {item.id for item, _ in await self.listing()}
+            for item_id in [i for i in self._waiting if i not in live]:
+                await self._resolved(item_id)
         await self._resync_grants()
 
     # -- expiry ----------------------------------------------------------------------------
@@ -569,7 +663,7 @@ class ApprovalQueue:
         now = self._clock()
         expired = await self._store.purge_expired_pending(now)
         for item in expired:
-            self._items.pop(item.id, None)
+            self._drop(item.id)
             await self._store.record_approval(self._record(item, "expired"))
             self._telemetry.emit(
                 ApprovalEvent(

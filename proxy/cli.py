@@ -7,16 +7,17 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.config import RunConfig, parse_endpoint
 from proxy.control.client import add_client_commands
-from proxy.decide import Verdict, decide
-from proxy.facts import facts_from_url
+from proxy.facts import BadURL, facts_from_url
 from proxy.policy.load import PolicyErrors, load_policies
-from proxy.policy.model import EffectivePolicy, Mode
+from proxy.policy.model import EffectivePolicy, Mode, parse_duration
 from proxy.policy.requirements import load_effective, load_requirements
-from proxy.resolve import parse_resolve_option
+from proxy.resolve import Resolver, parse_nameserver_option, parse_resolve_option
+from proxy.verdicts import Decision, Verdict
 
 DEFAULT_POLICY = Path("policies/default.yaml")
 EXIT_FOR_VERDICT = {Verdict.ALLOW: 0, Verdict.DENY: 1, Verdict.HOLD: 3}
@@ -50,6 +51,23 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     return status
 
 
+async def _dry_run(
+    policy: EffectivePolicy, args: argparse.Namespace, resolver: Resolver
+) -> Decision:
+    """The live proxy's steps for `args.url` (name resolution included), without holding."""
+    from proxy.auth import Authenticator
+    from proxy.gate import Gate, Snapshot
+    from proxy.netguard import NetGuard
+    from proxy.service import local_addresses
+    from proxy.telemetry import Telemetry
+
+    facts = facts_from_url(args.url, args.method, args.agent)
+    snapshot = Snapshot(policy, Authenticator(), NetGuard([], local_addresses()))
+    gate = Gate(snapshot, resolver, Telemetry([]))
+    path = urlsplit(args.url if "://" in args.url else "https://" + args.url).path or "/"
+    return await gate.dry_run(facts, resolve=not args.no_resolve, inner=(args.method.upper(), path))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         policy, warnings = _load(args.policy, args.requirements)
@@ -58,8 +76,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    facts = facts_from_url(args.url, args.method, args.agent)
-    decision = decide(facts, policy)
+    try:
+        resolver = Resolver(
+            dict(parse_resolve_option(r) for r in args.resolve),
+            nameservers=[parse_nameserver_option(n) for n in args.nameserver],
+        )
+        decision = asyncio.run(_dry_run(policy, args, resolver))
+    except (BadURL, ValueError) as exc:
+        print(f"egress-warden: {exc}", file=sys.stderr)
+        return 2
     print(f"decision: {decision.verdict.value}")
     print(f"reason:   {decision.reason.value}")
     print(
@@ -91,6 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             store=args.store,
             audit_retention=args.audit_retention,
             upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,
+            nameservers=tuple(parse_nameserver_option(n) for n in args.nameserver),
+            drain=parse_duration(args.drain),
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -102,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_argv = sys.argv[sys.argv.index("run") :] if "run" in sys.argv else ["run"]
         return supervise(run_argv, args.workers, cfg.listen, cfg.control, cfg.state_dir)
 
-    from addons.runtime import StartupError, serve  # the mitmproxy edge, loaded only to run
+    from addons.runtime import serve  # the mitmproxy edge, loaded only to run
+    from proxy.service import StartupError
     from proxy.telemetry.hub import configure_logging, flush_logging
 
     configure_logging()
@@ -180,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=[m.value for m in Mode])
     run.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
     run.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="DNS server to ask instead of the system resolver (repeatable)",
+    )
+    run.add_argument(
+        "--drain",
+        default="10s",
+        metavar="DURATION",
+        help="on SIGTERM: how long open connections get to finish (default 10s)",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -206,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--agent")
     check.add_argument("--policy", action="append", default=[], metavar="FILE")
     check.add_argument("--requirements", metavar="FILE")
+    check.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
+    check.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]")
+    check.add_argument(
+        "--no-resolve",
+        action="store_true",
+        help="skip name resolution (and so the private-network check of a name's address)",
+    )
     check.set_defaults(func=cmd_check)
 
     policy = sub.add_parser("policy", help="policy file tools")

@@ -40,6 +40,8 @@ class RunConfig:
     audit_retention: int = 100_000  # decision rows kept in the store
     upstream_ca: Path | None = None  # extra CA bundle to verify upstreams of inspected hosts
     stream_large_bodies: str = "1m"
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
+    drain: float = 10.0  # seconds open connections get to finish after SIGTERM
 
     @property
     def store_url(self) -> str:

@@ -1,7 +1,20 @@
-"""The decision: a pure function of (request facts, effective policy, grants, address)."""
+"""The decision: a pure function of (request facts, effective policy, grants, guard, address).
+
+Order (SPEC section 3; the first step that applies wins):
+1. invalid request or host, failed authentication, loops            -> deny (GUARD)
+2. any matching deny: requirements floor, policy, agent, grants     -> deny
+3. destination port not allowed                                      -> deny `port`
+4. address private (or the proxy itself) and not exempted by an IP/CIDR allow -> deny (GUARD)
+5. matching allow: policy (with the requirements' allows), agent, grants -> allow
+6. default: allow | deny | ask (hold)
+
+Audit mode relaxes only what the user policy's own rules decide (POLICY tier); the requirements'
+floor (FLOOR tier) only under a `mode: audit` in the requirements file; never the GUARD tier.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,7 +25,9 @@ from proxy.policy.match import RuleSet
 from proxy.policy.model import DefaultAction, EffectivePolicy, Mode, Rule
 from proxy.verdicts import Decision, Reason, Tier, Verdict
 
-__all__ = ["Decision", "GrantRules", "Reason", "Tier", "Verdict", "decide"]
+_LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+
+__all__ = ["Decision", "GrantRules", "Reason", "Tier", "Verdict", "apply_mode", "decide"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,10 +36,6 @@ class GrantRules:
 
     allow: RuleSet
     deny: RuleSet
-
-
-def _rule_decision(verdict: Verdict, reason: Reason, rule: Rule, detail: str) -> Decision:
-    return Decision(verdict, reason, rule.pattern, rule.source, detail)
 
 
 def _first_match(rulesets: Sequence[RuleSet], facts: RequestFacts) -> Rule | None:
@@ -36,65 +47,109 @@ def _first_match(rulesets: Sequence[RuleSet], facts: RequestFacts) -> Rule | Non
     return None
 
 
+def _first_address_match(rulesets: Sequence[RuleSet], ip: IPAddress, port: int) -> Rule | None:
+    for ruleset in rulesets:
+        rule = ruleset.match_address(ip, port)
+        if rule is not None:
+            return rule
+    return None
+
+
+def _deny_match(
+    rulesets: Sequence[RuleSet], facts: RequestFacts, address: IPAddress | None
+) -> Rule | None:
+    rule = _first_match(rulesets, facts)
+    if rule is None and address is not None:
+        rule = _first_address_match(rulesets, address, facts.port)
+    return rule
+
+
 def decide(
     facts: RequestFacts,
     policy: EffectivePolicy,
     *,
-    grants: Sequence[GrantRules] = (),
-    address: IPAddress | None = None,
-    guard: NetGuard | None = None,
+    grants: Sequence[GrantRules],
+    guard: NetGuard,
+    address: IPAddress | None,
 ) -> Decision:
-    """Decide in the SPEC order; the first step that applies wins.
+    """Decide in the SPEC order, then apply the mode to the tier that decided.
 
-    `address` is the IP that will be dialled (None before resolution: the network step is
-    skipped, so callers resolve only when this first pass does not already deny).
+    `address` is the IP that will be dialled, or None before resolution (only an IP literal's
+    own address is checked then): callers resolve a name only when this first pass allows it,
+    and decide again with the address before dialling (the gate does both).
     """
-    decision = _decide_enforced(facts, policy, grants, address, guard)
-    if policy.mode is Mode.AUDIT and decision.verdict is not Verdict.ALLOW:
-        if decision.reason in (
-            Reason.INVALID_HOST,
-            Reason.INVALID_REQUEST,
-            Reason.DNS_FAILURE,
-            Reason.AUTH_REQUIRED,
-        ):
-            return decision  # nothing sensible can be dialled: stays denied even in audit
-        return Decision(
-            Verdict.ALLOW,
-            Reason.WOULD_DENY,
-            decision.rule,
-            decision.source,
-            f"audit mode: would {decision.verdict.value} ({decision.reason.value})",
-        )
-    return decision
+    return apply_mode(_decide_enforced(facts, policy, grants, guard, address), policy)
+
+
+def apply_mode(decision: Decision, policy: EffectivePolicy) -> Decision:
+    """Audit mode turns a refusal into `would_deny` only for the tiers its file may relax."""
+    if decision.verdict is Verdict.ALLOW or decision.tier is Tier.GUARD:
+        return decision
+    if decision.tier is Tier.FLOOR:
+        mode = policy.floor.mode if policy.floor is not None else Mode.ENFORCE
+    else:
+        mode = policy.mode
+    if mode is not Mode.AUDIT:
+        return decision
+    return Decision(
+        Verdict.ALLOW,
+        Reason.WOULD_DENY,
+        decision.rule,
+        decision.source,
+        f"audit mode: would {decision.verdict.value} ({decision.reason.value})",
+        decision.tier,
+    )
 
 
 def _decide_enforced(
     facts: RequestFacts,
     policy: EffectivePolicy,
     grants: Sequence[GrantRules],
+    guard: NetGuard,
     address: IPAddress | None,
-    guard: NetGuard | None,
 ) -> Decision:
-    # 1. invalid request or host
+    # 1. invalid request or host, failed authentication
     if facts.invalid is not None:
-        reason = Reason(facts.invalid)
-        return Decision(Verdict.DENY, reason, detail=facts.invalid_detail or reason.value)
+        reason = facts.invalid
+        return Decision(
+            Verdict.DENY, reason, detail=facts.invalid_detail or reason.value, tier=Tier.GUARD
+        )
     if facts.host is None:
-        return Decision(Verdict.DENY, Reason.INVALID_HOST, detail="invalid host")
+        return Decision(Verdict.DENY, Reason.INVALID_HOST, detail="invalid host", tier=Tier.GUARD)
 
     agent = policy.agents.get(facts.agent) if facts.agent is not None else None
+    floor = policy.floor
 
-    # 2. any matching deny wins: policy, the agent's section, runtime grants
+    # 2. any matching deny wins: the requirements' floor first, then policy, agent, grants
+    if floor is not None:
+        floor_sets = [floor.deny]
+        if facts.agent is not None and facts.agent in floor.agents_deny:
+            floor_sets.append(floor.agents_deny[facts.agent])
+        rule = _deny_match(floor_sets, facts, address)
+        if rule is not None:
+            return Decision(
+                Verdict.DENY,
+                Reason.DENY_RULE,
+                rule.pattern,
+                rule.source,
+                f"denied by rule {rule.pattern!r}",
+                Tier.FLOOR,
+            )
     deny_sets = [policy.deny]
     if agent is not None:
         deny_sets.append(agent.deny)
     deny_sets.extend(g.deny for g in grants)
-    rule = _first_match(deny_sets, facts)
-    if rule is None and address is not None:
-        rule = _first_address_match(deny_sets, address, facts.port)
+    rule = _deny_match(deny_sets, facts, address)
     if rule is not None:
-        return _rule_decision(
-            Verdict.DENY, Reason.DENY_RULE, rule, f"denied by rule {rule.pattern!r}"
+        # A runtime deny grant is an approver's explicit word: audit mode does not lift it.
+        tier = Tier.FLOOR if rule.source.startswith("grant:") else Tier.POLICY
+        return Decision(
+            Verdict.DENY,
+            Reason.DENY_RULE,
+            rule.pattern,
+            rule.source,
+            f"denied by rule {rule.pattern!r}",
+            tier,
         )
 
     allow_sets = [policy.allow]
@@ -107,17 +162,26 @@ def _decide_enforced(
     # 3. port: allowed when listed in network.ports or named by a matching allow rule
     port_named = allow_rule is not None and allow_rule.port == facts.port
     if facts.port not in policy.ports and not port_named:
-        return Decision(Verdict.DENY, Reason.PORT, detail=f"port {facts.port} is not allowed")
+        capped = floor is not None and floor.ports is not None and facts.port not in floor.ports
+        return Decision(
+            Verdict.DENY,
+            Reason.PORT,
+            detail=f"port {facts.port} is not allowed",
+            tier=Tier.FLOOR if capped else Tier.POLICY,
+        )
 
     # 4. the address actually dialled must not be private unless an IP/CIDR allow covers it
     ip = facts.host.ip if facts.host.ip is not None else address
-    if ip is not None and guard is not None:
+    if ip is None and (facts.host.name == "localhost" or facts.host.name.endswith(".localhost")):
+        ip = _LOOPBACK  # RFC 6761: always loopback, known without asking anyone
+    if ip is not None:
         klass = guard.classify(ip, facts.port)
         if klass is AddressClass.SELF:
             return Decision(
                 Verdict.DENY,
                 Reason.PRIVATE_NETWORK,
                 detail=f"{ip} is the proxy itself",
+                tier=Tier.GUARD,
             )
         if klass is not AddressClass.PUBLIC and policy.block_private:
             exempt = _first_address_match(allow_sets, ip, facts.port)
@@ -126,30 +190,31 @@ def _decide_enforced(
                     Verdict.DENY,
                     Reason.PRIVATE_NETWORK,
                     detail=f"{ip} is a {klass.value} address",
+                    tier=Tier.GUARD,
                 )
 
     # 5. matching allow
     if allow_rule is not None:
-        return _rule_decision(
-            Verdict.ALLOW, Reason.ALLOW_RULE, allow_rule, f"allowed by rule {allow_rule.pattern!r}"
+        return Decision(
+            Verdict.ALLOW,
+            Reason.ALLOW_RULE,
+            allow_rule.pattern,
+            allow_rule.source,
+            f"allowed by rule {allow_rule.pattern!r}",
         )
 
     # 6. default: only misses are ever offered for approval
     default = policy.default
     if agent is not None and agent.default is not None:
         default = agent.default
+    cap = floor.default_cap if floor is not None else None
+    tier = Tier.FLOOR if cap is not None and default.looseness >= cap.looseness else Tier.POLICY
     if default is DefaultAction.ALLOW:
         return Decision(
             Verdict.ALLOW, Reason.DEFAULT_ALLOW, detail="no rule matched; default allow"
         )
     if default is DefaultAction.DENY:
-        return Decision(Verdict.DENY, Reason.DEFAULT_DENY, detail="no rule allows it")
-    return Decision(Verdict.HOLD, Reason.DEFAULT_ASK, detail="no rule matched; approval needed")
-
-
-def _first_address_match(rulesets: Sequence[RuleSet], ip: IPAddress, port: int) -> Rule | None:
-    for ruleset in rulesets:
-        rule = ruleset.match_address(ip, port)
-        if rule is not None:
-            return rule
-    return None
+        return Decision(Verdict.DENY, Reason.DEFAULT_DENY, detail="no rule allows it", tier=tier)
+    return Decision(
+        Verdict.HOLD, Reason.DEFAULT_ASK, detail="no rule matched; approval needed", tier=tier
+    )

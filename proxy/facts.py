@@ -7,6 +7,7 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from proxy.hosts import Host, InvalidHost, canonicalize_host
+from proxy.verdicts import Reason
 
 
 class Transport(StrEnum):
@@ -33,7 +34,7 @@ class RequestFacts:
     agent: str | None = None
     session: str | None = None
     client_address: str | None = None
-    invalid: str | None = None  # reason code when the request itself is malformed
+    invalid: Reason | None = None  # set when the request itself is refused before any rule
     invalid_detail: str = ""
     traceparent: str | None = None
 
@@ -46,30 +47,49 @@ class RequestFacts:
         return f"{name}:{self.port}"
 
 
+class BadURL(ValueError):
+    """A dry-run URL that no client could send through the proxy."""
+
+
+_SCHEMES = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
 def facts_from_url(url: str, method: str, agent: str | None) -> RequestFacts:
-    """Facts for a dry run: what the proxy would see for `url`."""
+    """Facts for a dry run: what the proxy would see for `url` (http/ws: a plain-HTTP request
+    with its path; https/wss or no scheme: a CONNECT). Raises BadURL for a malformed URL."""
     if "://" not in url:
         url = "https://" + url
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    raw_host = parts.hostname or ""
     try:
-        port = parts.port or (443 if scheme in ("https", "wss") else 80)
-    except ValueError:
-        port = 0
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadURL(f"malformed URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise BadURL(f"unsupported scheme {scheme!r}: use http, https, ws or wss")
+    raw_host = parts.hostname or ""
+    if not raw_host:
+        raise BadURL(f"URL {url!r} names no host")
+    if port == 0:
+        raise BadURL("port 0 cannot be dialled")
+    host: Host | None
+    invalid: Reason | None = None
+    detail = ""
     try:
         host = canonicalize_host(raw_host)
-    except InvalidHost:
-        host = None
-    inspected = scheme in ("http", "ws")
+    except InvalidHost as exc:
+        host, invalid, detail = None, Reason.INVALID_HOST, str(exc)
+    plain = scheme in ("http", "ws")
     return RequestFacts(
         request_id="check",
         raw_host=raw_host,
         host=host,
-        port=port,
-        transport=Transport.HTTP if inspected else Transport.HTTPS_CONNECT,
-        method=method.upper(),
-        scheme=scheme,
-        path=(parts.path or "/") if inspected else None,
+        port=port or _SCHEMES[scheme],
+        transport=Transport.HTTP if plain else Transport.HTTPS_CONNECT,
+        method=method.upper() if plain else "CONNECT",
+        scheme="http" if plain else "https",
+        path=(parts.path or "/") if plain else None,
         agent=agent,
+        invalid=invalid,
+        invalid_detail=detail,
     )

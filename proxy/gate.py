@@ -1,24 +1,43 @@
-"""The gate: turns request facts into an admission, resolving the destination once and holding
-misses for approval."""
+"""The gate: the one door every request goes through, whatever edge saw it.
+
+An edge (CONNECT, plain HTTP, a request inside an inspected tunnel, a TLS ClientHello in a raw
+tunnel, a dry run) hands over what it saw as `RequestFacts`; the gate decides with the snapshot
+in force, resolves a name only once the rules allow it (a miss is held unresolved, so no DNS
+query ever leaks a name nobody approved), holds misses for approval, re-checks the dialled
+address after approval, and emits exactly one decision event per verdict.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.approvals import POLICY_APPROVER, ApprovalQueue, Outcome
 from proxy.approvals import Verdict as ApprovalVerdict
-from proxy.auth import Authenticator
-from proxy.decide import Decision, Reason, Verdict, decide
+from proxy.auth import Authenticator, Caller
+from proxy.decide import apply_mode, decide
 from proxy.facts import RequestFacts, Transport
 from proxy.grants import GrantIndex
-from proxy.hosts import IPAddress, canonicalize_host
+from proxy.hosts import InvalidHost, IPAddress, canonicalize_host
+from proxy.identity import Identity
+from proxy.inspection import decide_inspected
 from proxy.netguard import NetGuard
-from proxy.policy.model import EffectivePolicy
+from proxy.policy.model import EffectivePolicy, InspectRule
 from proxy.records import PendingItem
 from proxy.resolve import ResolutionError, Resolver
 from proxy.store import StoreError
 from proxy.telemetry import DecisionEvent, Telemetry
+from proxy.verdicts import Decision, Reason, Tier, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What decides, swapped as one on reload: the policy, who the agents are, and which
+    addresses are the proxy itself."""
+
+    policy: EffectivePolicy
+    auth: Authenticator
+    guard: NetGuard
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,19 +45,13 @@ class Admission:
     """The decision for one request and, when allowed, the address the proxy must dial."""
 
     decision: Decision
-    address: IPAddress | None = None  # the resolved address (dialled only when allowed)
+    address: IPAddress | None = None  # the checked address (dialled only when allowed)
     pending_id: str | None = None
+    inspect: InspectRule | None = None  # an admitted CONNECT to a host under `inspect:`
 
     @property
     def allowed(self) -> bool:
         return self.decision.allowed
-
-
-class PolicyState:
-    """Holds the policy in force; replaced atomically on reload."""
-
-    def __init__(self, policy: EffectivePolicy) -> None:
-        self.current = policy
 
 
 def _after_approval(verdict: ApprovalVerdict) -> Decision:
@@ -46,7 +59,11 @@ def _after_approval(verdict: ApprovalVerdict) -> Decision:
     detail = f"{verdict.outcome.value} by {verdict.approver} (scope {verdict.scope.value})"
     if verdict.outcome is Outcome.APPROVED:
         return Decision(Verdict.ALLOW, Reason.APPROVED, None, source, detail)
-    return Decision(Verdict.DENY, Reason.APPROVAL_DENIED, None, source, detail)
+    return Decision(Verdict.DENY, Reason.APPROVAL_DENIED, None, source, detail, Tier.FLOOR)
+
+
+def _deny(reason: Reason, detail: str, tier: Tier = Tier.GUARD) -> Decision:
+    return Decision(Verdict.DENY, reason, detail=detail, tier=tier)
 
 
 class Gate:
@@ -54,49 +71,209 @@ class Gate:
 
     def __init__(
         self,
-        policy: PolicyState,
+        snapshot: Snapshot,
         resolver: Resolver,
-        guard: NetGuard,
         telemetry: Telemetry,
         grants: GrantIndex | None = None,
         approvals: ApprovalQueue | None = None,
-        auth: Authenticator | None = None,
     ) -> None:
-        self.policy = policy
+        self.snapshot = snapshot
         self.resolver = resolver
-        self.guard = guard
         self.telemetry = telemetry
         self.grants = grants or GrantIndex()
         self.approvals = approvals
-        self.auth = auth or Authenticator()
 
-    def _emit(self, facts: RequestFacts, admission: Admission) -> None:
+    @property
+    def policy(self) -> EffectivePolicy:
+        return self.snapshot.policy
+
+    def identify(self, identity: Identity | None) -> Caller:
+        """Who is asking, verified against the agents registry in force."""
+        return self.snapshot.auth.identify(identity)
+
+    def _emit(self, facts: RequestFacts, admission: Admission) -> Admission:
         self.telemetry.emit(
             DecisionEvent(
                 facts,
                 admission.decision,
-                self.policy.current.mode,
+                self.snapshot.policy.mode,
                 admission.address,
                 admission.pending_id,
             )
         )
+        return admission
+
+    def _first_pass(self, facts: RequestFacts) -> Decision:
+        snap = self.snapshot
+        grants = self.grants.rules_for(facts.agent, facts.session)
+        return decide(facts, snap.policy, grants=grants, guard=snap.guard, address=None)
+
+    async def _dial_check(self, facts: RequestFacts, approved: Decision | None) -> Admission:
+        """Resolve an admitted name once and decide again on the address that will be dialled;
+        after an approval, only a deny (guard, rule) can still refuse it."""
+        assert facts.host is not None
+        try:
+            address = await self.resolver.resolve(facts.host, facts.port)
+        except ResolutionError as exc:
+            return Admission(_deny(Reason.DNS_FAILURE, str(exc)))
+        snap = self.snapshot
+        grants = self.grants.rules_for(facts.agent, facts.session)
+        final = decide(facts, snap.policy, grants=grants, guard=snap.guard, address=address)
+        if approved is not None and final.verdict is not Verdict.DENY:
+            final = approved
+        elif final.verdict is Verdict.HOLD:
+            # The rules changed between the passes: a miss is never dialled unapproved.
+            return Admission(final, address)
+        inspect = None
+        if final.allowed and facts.transport is Transport.HTTPS_CONNECT:
+            inspect = snap.policy.inspect_rule(facts.host, facts.port)
+        return Admission(final, address, inspect=inspect)
+
+    # -- live requests -----------------------------------------------------------------------
 
     async def admit(
         self, facts: RequestFacts, client_gone: Callable[[], bool] | None = None
     ) -> Admission:
         """Decide `facts`, holding a miss under `ask`; emits one decision event per verdict."""
-        admission = await self._decide(facts)
-        if admission.decision.verdict is not Verdict.HOLD:
-            self._emit(facts, admission)
-            return admission
-        return await self._hold(facts, admission, client_gone)
+        first = self._first_pass(facts)
+        if first.verdict is Verdict.DENY or facts.host is None:
+            return self._emit(facts, Admission(first))
+        if first.verdict is Verdict.HOLD:
+            return self._emit(facts, await self._hold(facts, first, client_gone))
+        admission = await self._dial_check(facts, None)
+        if admission.decision.verdict is Verdict.HOLD:
+            return self._emit(facts, await self._hold(facts, admission.decision, client_gone))
+        return self._emit(facts, admission)
+
+    async def _hold(
+        self, facts: RequestFacts, held: Decision, client_gone: Callable[[], bool] | None
+    ) -> Admission:
+        assert facts.host is not None
+        approvals = self.approvals
+        if approvals is None:
+            return Admission(_deny(Reason.APPROVAL_UNAVAILABLE, "approvals unavailable"))
+        settings = self.snapshot.policy.approval
+        one_shot = await approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
+        if one_shot is not None:
+            admission = await self._dial_check(facts, _after_approval(one_shot))
+            return replace(admission, pending_id=one_shot.pending_id)
+        limit = approvals.limit_reached(facts, settings)
+        if limit is not None:
+            return Admission(_deny(Reason.APPROVAL_LIMIT, limit, Tier.FLOOR))
+
+        def on_held(item: PendingItem) -> None:
+            self._emit(facts, Admission(held, None, item.id))
+
+        try:
+            result = await approvals.hold(facts, settings, client_gone, on_held)
+        except StoreError as exc:
+            # The shared queue is unreachable: keep enforcing, but hold nothing new.
+            return Admission(_deny(Reason.APPROVAL_UNAVAILABLE, str(exc)))
+        pending_id = result.item.id
+        if result.verdict is None:
+            if result.draining:
+                detail = "the proxy is shutting down; the item stays pending"
+            elif result.abandoned:
+                detail = "client went away"
+            else:
+                detail = "no answer in time"
+            return Admission(_deny(Reason.APPROVAL_PENDING, detail, Tier.POLICY), None, pending_id)
+        if result.verdict.approver == POLICY_APPROVER:
+            # Released by a policy or grant change: the new rules decide, with their provenance.
+            again = self._first_pass(facts)
+            if again.verdict is Verdict.ALLOW:
+                admission = await self._dial_check(facts, None)
+                if admission.decision.verdict is not Verdict.HOLD:
+                    return replace(admission, pending_id=pending_id)
+            elif again.verdict is Verdict.DENY:
+                return Admission(again, None, pending_id)
+            still = _deny(Reason.APPROVAL_PENDING, "still unknown", Tier.POLICY)
+            return Admission(still, None, pending_id)
+        decision = _after_approval(result.verdict)
+        if not decision.allowed:
+            return Admission(decision, None, pending_id)
+        # Approved: only now is the name resolved, and the address still checked.
+        return replace(await self._dial_check(facts, decision), pending_id=pending_id)
+
+    def admit_inspected(self, facts: RequestFacts) -> Admission:
+        """A request inside an intercepted tunnel (facts carry its method and path; `invalid`
+        when the edge saw a Host or target that does not name the tunnel's host)."""
+        snap = self.snapshot
+        if facts.invalid is not None:
+            decision = _deny(facts.invalid, facts.invalid_detail or facts.invalid.value)
+        elif facts.host is None:
+            decision = _deny(Reason.INVALID_HOST, "invalid host")
+        else:
+            rule = snap.policy.inspect_rule(facts.host, facts.port)
+            if rule is None:  # the policy stopped inspecting this host: the tunnel decides
+                decision = Decision(Verdict.ALLOW, Reason.ALLOW_RULE, detail="tunnel admitted")
+            else:
+                decision = apply_mode(
+                    decide_inspected(rule, facts.method, facts.path or "/"), snap.policy
+                )
+        return self._emit(facts, Admission(decision))
+
+    def admit_tls_hello(
+        self, facts: RequestFacts, sni: str | None, *, malformed: bool = False
+    ) -> Admission:
+        """The ClientHello of an admitted raw tunnel: its SNI must name the CONNECT target
+        (no SNI is allowed; IP-literal targets are exempt; a malformed hello is refused).
+        Emits only a refusal."""
+        if malformed:
+            decision = _deny(Reason.INVALID_REQUEST, "malformed TLS ClientHello in the tunnel")
+            return self._emit(facts, Admission(decision))
+        if sni is None or facts.host is None or facts.host.ip is not None:
+            return Admission(Decision(Verdict.ALLOW, Reason.ALLOW_RULE, detail="sni checked"))
+        try:
+            named = canonicalize_host(sni)
+        except InvalidHost:
+            named = None
+        if named == facts.host:
+            return Admission(Decision(Verdict.ALLOW, Reason.ALLOW_RULE, detail="sni checked"))
+        decision = _deny(
+            Reason.HOST_MISMATCH, f"TLS server name {sni!r} does not match the CONNECT target"
+        )
+        return self._emit(facts, Admission(decision))
+
+    # -- dry runs ----------------------------------------------------------------------------
+
+    async def dry_run(
+        self,
+        facts: RequestFacts,
+        *,
+        resolve: bool = True,
+        inner: tuple[str, str] | None = None,
+    ) -> Decision:
+        """What the live proxy would decide for `facts`, by the same steps, without holding or
+        emitting. `inner` (method, path) is checked on hosts under `inspect:`."""
+        first = self._first_pass(facts)
+        if first.verdict is not Verdict.ALLOW or facts.host is None:
+            return first  # deny, or a miss: held unresolved, exactly as live
+        if not resolve and facts.host.ip is None:
+            return replace(first, detail=f"{first.detail} (network step skipped: --no-resolve)")
+        admission = await self._dial_check(facts, None)
+        if admission.inspect is not None and inner is not None and admission.allowed:
+            inspected = replace(
+                facts, transport=Transport.HTTPS_INSPECTED, method=inner[0], path=inner[1]
+            )
+            return apply_mode(
+                decide_inspected(admission.inspect, inspected.method, inspected.path or "/"),
+                self.snapshot.policy,
+            )
+        return admission.decision
+
+    # -- pending items -----------------------------------------------------------------------
 
     def judge_pending(self, item: PendingItem) -> Outcome | None:
         """How the rules in force now decide a pending item (None: still a miss)."""
+        try:
+            host = canonicalize_host(item.host)
+        except InvalidHost:
+            return Outcome.DENIED
         facts = RequestFacts(
             request_id="reevaluate",
             raw_host=item.host,
-            host=canonicalize_host(item.host),
+            host=host,
             port=item.port,
             transport=Transport.HTTPS_CONNECT if item.method == "CONNECT" else Transport.HTTP,
             method=item.method,
@@ -104,8 +281,7 @@ class Gate:
             agent=item.agent,
             session=item.session,
         )
-        grants = self.grants.rules_for(item.agent, item.session)
-        decision = decide(facts, self.policy.current, grants=grants, guard=self.guard)
+        decision = self._first_pass(facts)
         if decision.verdict is Verdict.ALLOW:
             return Outcome.APPROVED
         if decision.verdict is Verdict.DENY:
@@ -117,68 +293,3 @@ class Gate:
         if self.approvals is None:
             return 0
         return await self.approvals.reevaluate(self.judge_pending)
-
-    async def _decide(self, facts: RequestFacts) -> Admission:
-        policy = self.policy.current
-        grants = self.grants.rules_for(facts.agent, facts.session)
-        # First pass without DNS: a name the policy already refuses is never looked up.
-        first = decide(facts, policy, grants=grants, guard=self.guard)
-        if first.verdict is Verdict.DENY or facts.host is None:
-            return Admission(first)
-        try:
-            address = await self.resolver.resolve(facts.host, facts.port)
-        except ResolutionError as exc:
-            return Admission(Decision(Verdict.DENY, Reason.DNS_FAILURE, detail=str(exc)))
-        return Admission(
-            decide(facts, policy, grants=grants, address=address, guard=self.guard), address
-        )
-
-    async def _hold(
-        self, facts: RequestFacts, held: Admission, client_gone: Callable[[], bool] | None
-    ) -> Admission:
-        assert facts.host is not None
-        if self.approvals is None:
-            admission = Admission(
-                Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, detail="approvals unavailable"),
-                held.address,
-            )
-            self._emit(facts, admission)
-            return admission
-        one_shot = await self.approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
-        if one_shot is not None:
-            admission = Admission(_after_approval(one_shot), held.address, one_shot.pending_id)
-            self._emit(facts, admission)
-            return admission
-
-        def on_held(item: PendingItem) -> None:
-            self._emit(facts, Admission(held.decision, held.address, item.id))
-
-        try:
-            result = await self.approvals.hold(
-                facts, self.policy.current.approval, client_gone, on_held
-            )
-        except StoreError as exc:
-            # The shared queue is unreachable: keep enforcing, but hold nothing new.
-            admission = Admission(
-                Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, detail=str(exc)),
-                held.address,
-            )
-            self._emit(facts, admission)
-            return admission
-        if result.verdict is None:
-            decision = Decision(
-                Verdict.DENY,
-                Reason.APPROVAL_PENDING,
-                detail="client went away" if result.abandoned else "no answer in time",
-            )
-        elif result.verdict.approver == POLICY_APPROVER:
-            # Released by a policy or grant change: the new rules decide, with their provenance.
-            again = await self._decide(facts)
-            decision = again.decision
-            if decision.verdict is Verdict.HOLD:
-                decision = Decision(Verdict.DENY, Reason.APPROVAL_PENDING, detail="still unknown")
-        else:
-            decision = _after_approval(result.verdict)
-        admission = Admission(decision, held.address, result.item.id)
-        self._emit(facts, admission)
-        return admission

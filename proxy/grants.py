@@ -10,6 +10,8 @@ from proxy.policy.match import RuleSet, parse_pattern
 from proxy.policy.model import Action, Rule, Scope
 from proxy.records import Grant
 
+CACHE_ENTRIES = 4096  # compiled (agent, session) rule sets kept at once
+
 
 def grant_rule(grant: Grant) -> Rule:
     """The matcher rule for a grant; its source is the grant id."""
@@ -87,6 +89,9 @@ class GrantIndex:
         cached = self._cache.get(key)
         if cached is None:
             cached = self._compile(agent, session)
+            if len(self._cache) >= CACHE_ENTRIES:
+                # An agent inventing a session id per request must not grow this without bound.
+                self._cache.clear()
             self._cache[key] = cached
         return cached
 

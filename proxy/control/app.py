@@ -20,14 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy import __version__
 from proxy.approvals import ApprovalError, ApprovalQueue, Outcome
 from proxy.audit import AuditWriter, record_json
-from proxy.decide import Decision, decide
 from proxy.eventbus import EventBus
-from proxy.facts import RequestFacts
+from proxy.facts import BadURL
 from proxy.grants import GrantIndex
 from proxy.policy.match import parse_pattern
 from proxy.policy.model import Action, EffectivePolicy, Scope
 from proxy.records import Grant, GrantFor
 from proxy.store import Store
+from proxy.verdicts import Decision
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -60,7 +60,7 @@ class ControlContext:
     audit: AuditWriter
     bus: EventBus
     reload: Callable[[], Awaitable[ReloadResult]]
-    facts_for: Callable[[str, str, str | None], RequestFacts]
+    check: Callable[[str, str, str | None], Awaitable[Decision]]  # the live path's dry run
     rules_changed: Callable[[], Awaitable[int]]  # answers held requests the new rules decide
 
 
@@ -329,10 +329,10 @@ def create_app(ctx: ControlContext) -> FastAPI:
 
     @v1.post("/check", tags=["policy"])
     async def check(body: CheckBody) -> dict[str, Any]:
-        facts = ctx.facts_for(body.url, body.method, body.agent)
-        decision = decide(
-            facts, ctx.policy(), grants=ctx.grants.rules_for(facts.agent, facts.session)
-        )
+        try:
+            decision = await ctx.check(body.url, body.method, body.agent)
+        except BadURL as exc:
+            raise ApiError(422, "invalid_url", str(exc)) from exc
         return decision_json(decision)
 
     @v1.get("/events", tags=["events"])

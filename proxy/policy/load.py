@@ -38,7 +38,10 @@ Loc = tuple[str | int, ...]
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAX_DEPTH = 64
-_MAX_NODES = 5_000_000  # alias expansion ("billion laughs") guard
+# Alias expansion ("billion laughs") guard: nodes built a second time through an alias. A
+# 373-byte, 9-level bomb expands to ~10^9 nodes (16 s and 890 MB before this bound); sharing a
+# list between a few agents costs hundreds. Files without aliases never count against it.
+_MAX_ALIAS_EXPANSION = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,16 +75,45 @@ class _Tree:
         self.lines: dict[Loc, int] = {}  # where an error about this value should point
         self.key_lines: dict[Loc, int] = {}  # the line of the mapping key naming this value
         self.errors: list[PolicyError] = []
-        self._visits = 0
+        self._seen: set[int] = set()  # id() of every node built (the tree keeps them alive)
+        self._repeats = 0
+        self._alias_line = 0  # where the expansion now under way was asked for
+        self._anchor_line = 0  # and where its anchor is
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, line: int, message: str) -> None:
         self.errors.append(PolicyError(self.file, line, message))
 
-    def build(self, node: yaml.Node, loc: Loc, depth: int = 0) -> object:
-        self._visits += 1
-        if depth > _MAX_DEPTH or self._visits > _MAX_NODES:
-            raise _TooLarge(node.start_mark.line + 1)
+    def build(self, node: yaml.Node, loc: Loc, depth: int = 0, use_line: int = 0) -> object:
+        """Plain data for `node`; `use_line` is the line that refers to it (its key's line, or
+        its sequence's), reported when an alias there expands too far."""
+        if depth > _MAX_DEPTH:
+            raise _TooLarge(node.start_mark.line + 1, "document nests too deeply")
+        if id(node) in self._seen:
+            # An alias: yaml.compose hands back the anchored node itself, once per use.
+            if not self._alias_line:
+                self._alias_line = use_line or node.start_mark.line + 1
+                self._anchor_line = node.start_mark.line + 1
+                try:
+                    return self._build_repeat(node, loc, depth)
+                finally:
+                    self._alias_line = 0
+            return self._build_repeat(node, loc, depth)
+        self._seen.add(id(node))
+        return self._build(node, loc, depth)
+
+    def _build_repeat(self, node: yaml.Node, loc: Loc, depth: int) -> object:
+        self._repeats += 1
+        if self._repeats > _MAX_ALIAS_EXPANSION:
+            raise _TooLarge(
+                self._alias_line,
+                f"aliases expand to more than {_MAX_ALIAS_EXPANSION:,} repeated values "
+                f"(an alias bomb?); this one refers to the anchor at line {self._anchor_line}: "
+                "write the values out or use fewer aliases",
+            )
+        return self._build(node, loc, depth)
+
+    def _build(self, node: yaml.Node, loc: Loc, depth: int) -> object:
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, loc, depth)
         if isinstance(node, yaml.SequenceNode):
@@ -89,7 +121,7 @@ class _Tree:
             for index, item in enumerate(node.value):
                 item_loc = (*loc, index)
                 self.lines[item_loc] = item.start_mark.line + 1
-                items.append(self.build(item, item_loc, depth + 1))
+                items.append(self.build(item, item_loc, depth + 1, node.start_mark.line + 1))
             return items
         if node.tag == _STR_TAG:
             return node.value
@@ -118,7 +150,7 @@ class _Tree:
             # Scalars point at their value; collections at the key that introduces them.
             scalar = isinstance(value_node, yaml.ScalarNode)
             self.lines[child] = value_node.start_mark.line + 1 if scalar else key_line
-            result[key] = self.build(value_node, child, depth + 1)
+            result[key] = self.build(value_node, child, depth + 1, key_line)
         return result
 
     def line_of(self, loc: Loc) -> int:
@@ -132,8 +164,10 @@ class _Tree:
 
 
 class _TooLarge(Exception):
-    def __init__(self, line: int) -> None:
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
         self.line = line
+        self.message = message
 
 
 def _format_loc(loc: Sequence[str | int]) -> str:
@@ -269,8 +303,7 @@ def load_policy_file(path: str | Path, schema: type[PolicyFile] = PolicyFile) ->
     try:
         data = tree.build(root, ())
     except _TooLarge as exc:
-        message = "document nests or expands aliases too deeply"
-        raise PolicyErrors([PolicyError(file, exc.line, message)]) from None
+        raise PolicyErrors([PolicyError(file, exc.line, exc.message)]) from None
     assert isinstance(data, dict)  # the root is a mapping node
 
     spec: PolicyFile | None = None
@@ -367,6 +400,14 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                     section.pending_ttl if "pending_ttl" in section_given else approval.pending_ttl
                 ),
                 scopes=frozenset(section.scopes) if "scopes" in section_given else approval.scopes,
+                max_pending=(
+                    section.max_pending if "max_pending" in section_given else approval.max_pending
+                ),
+                max_pending_total=(
+                    section.max_pending_total
+                    if "max_pending_total" in section_given
+                    else approval.max_pending_total
+                ),
             )
         for agent, rules in doc.agents.items():
             if rules.default is not None or agent not in agent_defaults:

@@ -77,6 +77,8 @@ class ApprovalSettings:
     wait: float = 30.0  # seconds a request is held before answering 403 approval_pending
     pending_ttl: float = 3600.0  # seconds an unanswered pending item lives
     scopes: frozenset[Scope] = frozenset(Scope)
+    max_pending: int = 20  # new pending items beyond this per agent: 403 approval_limit
+    max_pending_total: int = 1000  # ... and beyond this in all
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,19 @@ class AgentPolicy:
 
 
 @dataclass(frozen=True)
+class Floor:
+    """What a requirements file imposes, kept apart so audit mode can tell it from the policy's
+    own rules: its deny rules, its port cap, and its mode (a `mode: audit` in the requirements
+    file is the only thing that softens these)."""
+
+    deny: RuleSet
+    agents_deny: Mapping[str, RuleSet]
+    ports: frozenset[int] | None  # None: the requirements set no port cap
+    default_cap: DefaultAction | None  # the default was capped to this (managed_only: deny)
+    mode: Mode = Mode.ENFORCE
+
+
+@dataclass(frozen=True)
 class EffectivePolicy:
     """The merged, compiled policy in force."""
 
@@ -118,6 +133,7 @@ class EffectivePolicy:
     agents_file: str | None = None  # `auth.agents_file`, resolved against its policy file
     auth_required: bool | None = None  # `auth.required`; None: required iff agents are configured
     mode_pinned: bool = False  # a requirements file set the mode: nothing may switch it
+    floor: Floor | None = None  # the requirements' part, when a requirements file is in force
     _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
     _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
 
@@ -211,6 +227,8 @@ class NetworkSection(_Section):
 class ApprovalSection(_Section):
     wait: Duration = 30.0
     pending_ttl: Duration = 3600.0
+    max_pending: Annotated[StrictInt, Field(ge=1, le=100_000)] = 20
+    max_pending_total: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1000
     scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)
 
 

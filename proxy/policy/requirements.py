@@ -10,9 +10,10 @@ from proxy.policy.load import PolicyErrors, load_policies, load_policy_file
 from proxy.policy.match import RuleSet
 from proxy.policy.model import (
     AgentPolicy,
-    ApprovalSettings,
     DefaultAction,
     EffectivePolicy,
+    Floor,
+    Mode,
     PolicyDocument,
     RequirementsFile,
     min_default,
@@ -77,7 +78,7 @@ def apply_requirements(
             if rules.default is not None
             else current.default,
             allow=_union(current.allow, RuleSet.build(rules.allow)),
-            deny=_union(current.deny, RuleSet.build(rules.deny)),
+            deny=current.deny,
         )
 
     mode = policy.mode
@@ -96,7 +97,7 @@ def apply_requirements(
             warnings.append(f"approval.scopes: {dropped} not allowed by the requirements")
         if not kept:
             kept = allowed
-        approval = ApprovalSettings(approval.wait, approval.pending_ttl, kept)
+        approval = replace(approval, scopes=kept)
 
     ports, block_private = policy.ports, policy.block_private
     if "network" in given:
@@ -111,12 +112,25 @@ def apply_requirements(
                 warnings.append(f"network.ports: {extra} not allowed by the requirements")
             ports = ports & allowed_ports or allowed_ports
 
+    floor = Floor(
+        deny=floor_deny,
+        agents_deny={
+            agent_id: RuleSet.build(rules.deny)
+            for agent_id, rules in requirements.agents.items()
+            if rules.deny
+        },
+        ports=frozenset(spec.network.ports)
+        if "network" in given and "ports" in spec.network.model_fields_set
+        else None,
+        default_cap=cap,
+        mode=spec.mode if "mode" in given else Mode.ENFORCE,
+    )
     effective = replace(
         policy,
         mode=mode,
         default=default,
         allow=allow,
-        deny=_union(policy.deny, floor_deny),
+        floor=floor,
         ports=ports,
         block_private=block_private,
         approval=approval,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decide import Reason, Verdict, decide
+from proxy.decide import Decision, Reason, Verdict, decide
 from proxy.facts import RequestFacts, Transport
-from proxy.hosts import canonicalize_host
+from proxy.hosts import IPAddress, canonicalize_host
 from proxy.netguard import Listener, NetGuard
 from proxy.policy.load import load_policies
 from proxy.policy.model import EffectivePolicy
@@ -35,6 +35,12 @@ def _facts(host: str, port: int = 443, agent: str | None = None) -> RequestFacts
     )
 
 
+def _decide(
+    facts: RequestFacts, policy: EffectivePolicy, address: IPAddress | None = None
+) -> Decision:
+    return decide(facts, policy, grants=(), guard=GUARD, address=address)
+
+
 BASE = """\
 version: 1
 default: ask
@@ -52,26 +58,23 @@ agents:
 
 
 def test_deny_beats_allow(tmp_path: Path) -> None:
-    d = decide(_facts("bad.example.org"), _policy(tmp_path, BASE), guard=GUARD)
+    d = _decide(_facts("bad.example.org"), _policy(tmp_path, BASE))
     assert (d.verdict, d.reason, d.rule) == (Verdict.DENY, Reason.DENY_RULE, "bad.example.org")
     assert d.source is not None and d.source.endswith("p.yaml:10")
 
 
 def test_private_address_beats_allow(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    d = decide(
-        _facts("github.com"), policy, address=ipaddress.ip_address("192.168.1.5"), guard=GUARD
-    )
+    d = _decide(_facts("github.com"), policy, address=ipaddress.ip_address("192.168.1.5"))
     assert (d.verdict, d.reason) == (Verdict.DENY, Reason.PRIVATE_NETWORK)
 
 
 def test_cidr_allow_exempts_resolved_private_address(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    d = decide(
+    d = _decide(
         _facts("internal.example.com"),
         policy,
         address=ipaddress.ip_address("10.20.3.4"),
-        guard=GUARD,
     )
     assert (d.verdict, d.reason, d.rule) == (
         Verdict.ALLOW,
@@ -82,39 +85,37 @@ def test_cidr_allow_exempts_resolved_private_address(tmp_path: Path) -> None:
 
 def test_cidr_exemption_does_not_allow_an_unlisted_name(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    d = decide(
-        _facts("other.example.com"), policy, address=ipaddress.ip_address("10.20.3.4"), guard=GUARD
-    )
+    d = _decide(_facts("other.example.com"), policy, address=ipaddress.ip_address("10.20.3.4"))
     assert d.verdict is Verdict.HOLD
 
 
 def test_ip_literal_in_allowed_cidr_is_allowed(tmp_path: Path) -> None:
-    d = decide(_facts("10.20.0.7"), _policy(tmp_path, BASE), guard=GUARD)
+    d = _decide(_facts("10.20.0.7"), _policy(tmp_path, BASE))
     assert (d.verdict, d.rule) == (Verdict.ALLOW, "10.20.0.0/16")
 
 
 def test_proxy_itself_is_denied_even_inside_an_allowed_cidr(tmp_path: Path) -> None:
     policy = _policy(tmp_path, "version: 1\nallow: [127.0.0.0/8]\nnetwork: {ports: [8080]}\n")
-    d = decide(_facts("127.0.0.1", 8080), policy, guard=GUARD)
+    d = _decide(_facts("127.0.0.1", 8080), policy)
     assert (d.verdict, d.reason) == (Verdict.DENY, Reason.PRIVATE_NETWORK)
 
 
 def test_only_misses_ask(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    assert decide(_facts("unknown.example.net"), policy, guard=GUARD).verdict is Verdict.HOLD
-    assert decide(_facts("github.com"), policy, guard=GUARD).verdict is Verdict.ALLOW
-    assert decide(_facts("bad.example.org"), policy, guard=GUARD).verdict is Verdict.DENY
+    assert _decide(_facts("unknown.example.net"), policy).verdict is Verdict.HOLD
+    assert _decide(_facts("github.com"), policy).verdict is Verdict.ALLOW
+    assert _decide(_facts("bad.example.org"), policy).verdict is Verdict.DENY
 
 
 def test_port_not_listed_is_denied_before_allow(tmp_path: Path) -> None:
-    d = decide(_facts("github.com", 22), _policy(tmp_path, BASE), guard=GUARD)
+    d = _decide(_facts("github.com", 22), _policy(tmp_path, BASE))
     assert (d.verdict, d.reason) == (Verdict.DENY, Reason.PORT)
 
 
 def test_rule_with_port_allows_that_port(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    assert decide(_facts("api.example.com", 8443), policy, guard=GUARD).verdict is Verdict.ALLOW
-    assert decide(_facts("api.example.com", 8444), policy, guard=GUARD).reason is Reason.PORT
+    assert _decide(_facts("api.example.com", 8443), policy).verdict is Verdict.ALLOW
+    assert _decide(_facts("api.example.com", 8444), policy).reason is Reason.PORT
 
 
 @pytest.mark.parametrize(
@@ -122,22 +123,22 @@ def test_rule_with_port_allows_that_port(tmp_path: Path) -> None:
 )
 def test_default_applies_to_misses(tmp_path: Path, default: str, verdict: Verdict) -> None:
     policy = _policy(tmp_path, f"version: 1\ndefault: {default}\n")
-    assert decide(_facts("x.example.net"), policy, guard=GUARD).verdict is verdict
+    assert _decide(_facts("x.example.net"), policy).verdict is verdict
 
 
 def test_agent_section_overrides_default_and_adds_rules(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE)
-    assert decide(_facts("unknown.example.net", agent="ci-bot"), policy).verdict is Verdict.DENY
-    assert decide(_facts("ci.example.net", agent="ci-bot"), policy).verdict is Verdict.ALLOW
-    assert decide(_facts("github.com", agent="ci-bot"), policy).verdict is Verdict.DENY
-    assert decide(_facts("ci.example.net", agent="other"), policy).verdict is Verdict.HOLD
+    assert _decide(_facts("unknown.example.net", agent="ci-bot"), policy).verdict is Verdict.DENY
+    assert _decide(_facts("ci.example.net", agent="ci-bot"), policy).verdict is Verdict.ALLOW
+    assert _decide(_facts("github.com", agent="ci-bot"), policy).verdict is Verdict.DENY
+    assert _decide(_facts("ci.example.net", agent="other"), policy).verdict is Verdict.HOLD
 
 
 def test_audit_mode_allows_but_records_would_deny(tmp_path: Path) -> None:
     policy = _policy(tmp_path, BASE.replace("default: ask", "mode: audit\ndefault: deny"))
-    d = decide(_facts("bad.example.org"), policy, guard=GUARD)
+    d = _decide(_facts("bad.example.org"), policy)
     assert (d.verdict, d.reason, d.rule) == (Verdict.ALLOW, Reason.WOULD_DENY, "bad.example.org")
 
 
 def test_wildcard_apex_rule_covers_apex(tmp_path: Path) -> None:
-    assert decide(_facts("example.org"), _policy(tmp_path, BASE)).verdict is Verdict.ALLOW
+    assert _decide(_facts("example.org"), _policy(tmp_path, BASE)).verdict is Verdict.ALLOW

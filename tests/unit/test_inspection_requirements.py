@@ -53,8 +53,10 @@ def test_floor_deny_wins_over_user_allow(tmp_path: Path) -> None:
     policy, _ = load_effective([p], r)
     from proxy.decide import decide
     from proxy.facts import facts_from_url
+    from proxy.netguard import NetGuard
 
-    d = decide(facts_from_url("https://x.example.com/", "GET", None), policy)
+    facts = facts_from_url("https://x.example.com/", "GET", None)
+    d = decide(facts, policy, grants=(), guard=NetGuard([]), address=None)
     assert (d.verdict, d.source) == (Verdict.DENY, f"{r}:2")
 
 
