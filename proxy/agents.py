@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from proxy.statedir import make_private_dir
+
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 
@@ -115,7 +117,9 @@ class AgentRegistry:
                 for e in self.entries()
             },
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A new directory is private; an existing one may be the admin's own (the file can sit
+        # next to a policy), so it is not changed here: the file itself is 0600.
+        make_private_dir(self.path.parent)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".agents-")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:

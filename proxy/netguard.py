@@ -58,6 +58,7 @@ assert all(_V4_ENDS[i] < _V4_STARTS[i + 1] for i in range(len(_V4_STARTS) - 1))
 _MASK32 = 0xFFFFFFFF
 _V6_LOOPBACK = 1
 _V6_MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, value of bits 0-95
+_V6_SIIT_PREFIX = 0xFFFF_0000  # ::ffff:0:0:0/96, IPv4-translated (RFC 2765 SIIT), bits 0-95
 _V6_NAT64_PREFIX = 0x0064_FF9B_0000_0000_0000_0000  # 64:ff9b::/96, bits 0-95
 _V6_NAT64_LOCAL_PREFIX = 0x0064_FF9B_0001  # 64:ff9b:1::/48, bits 0-47
 _V6_6TO4_PREFIX = 0x2002  # 2002::/16
@@ -79,7 +80,7 @@ def _classify_v4(value: int) -> AddressClass:
 def _embedded_v4_int(value: int) -> int | None:
     """The IPv4 address (as an int) an IPv6 address carries inside, if any."""
     high96 = value >> 32
-    if high96 in (_V6_MAPPED_PREFIX, _V6_NAT64_PREFIX):
+    if high96 in (_V6_MAPPED_PREFIX, _V6_NAT64_PREFIX, _V6_SIIT_PREFIX):
         return value & _MASK32
     if high96 == 0:
         # IPv4-compatible ::a.b.c.d; :: and ::1 are the unspecified and loopback addresses.
@@ -94,7 +95,8 @@ def _embedded_v4_int(value: int) -> int | None:
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, NAT64, 6to4 or Teredo address."""
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, IPv4-translated (SIIT), NAT64,
+    6to4 or Teredo address; None for any other IPv6 address."""
     embedded = _embedded_v4_int(int(ip))
     return None if embedded is None else ipaddress.IPv4Address(embedded)
 

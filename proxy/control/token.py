@@ -6,6 +6,8 @@ import os
 import secrets
 from pathlib import Path
 
+from proxy.statedir import secure_state_dir, tighten_private_file
+
 TOKEN_ENV = "EGRESS_WARDEN_CONTROL_TOKEN"
 
 
@@ -14,12 +16,14 @@ def load_or_create_token(state_dir: Path) -> str:
     from_env = os.environ.get(TOKEN_ENV, "").strip()
     if from_env:
         return from_env
+    secure_state_dir(state_dir)
     path = state_dir / "control-token"
     if path.exists():
         token = path.read_text(encoding="utf-8").strip()
         if token:
+            # A token file written before modes were enforced, or copied in loosely.
+            tighten_private_file(path)
             return token
-    state_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:

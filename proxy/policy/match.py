@@ -15,6 +15,7 @@ from enum import IntEnum
 import idna
 
 from proxy.hosts import Host, IPAddress
+from proxy.netguard import embedded_ipv4
 from proxy.policy.model import Rule
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -262,6 +263,13 @@ def _pick(bucket: _Bucket | None, port: int, best: _Entry | None) -> _Entry | No
     return best
 
 
+def _v4_in_v6_score(entry: _Entry) -> tuple[int, int, int, int]:
+    """`entry.score()` of an IPv4 rule, comparable with IPv6 rules' scores: specificity is
+    counted in host bits left open, so an IPv4 /32 names a destination as fully as a /128."""
+    port_named, kind, depth, order = entry.score()
+    return (port_named, kind, depth + 96, order)
+
+
 class RuleSet:
     """An immutable index of rules; `match` returns the most specific rule for a host and port."""
 
@@ -370,6 +378,9 @@ class RuleSet:
     def match_address(self, ip: IPAddress, port: int | None = None) -> Rule | None:
         """The IP/CIDR rule with the longest prefix containing `ip`, or None.
 
+        An IPv6 address that embeds an IPv4 (mapped, SIIT, NAT64, 6to4, Teredo, compatible; see
+        `netguard.embedded_ipv4`) is also matched by the IPv4 rules containing that IPv4.
+
         With `port`, rules naming another port are skipped; without it, port-specific rules
         count too (check `rule.port` before relying on the result for a given connection).
         """
@@ -378,11 +389,16 @@ class RuleSet:
 
     def _match_ip(self, ip: IPAddress, port: int | None) -> _Entry | None:
         best = self._lookup_ip(ip, port)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            # ::ffff:a.b.c.d reaches a.b.c.d: IPv4 rules must see it.
-            mapped = self._lookup_ip(ip.ipv4_mapped, port)
-            if mapped is not None and (best is None or mapped.score() > best.score()):
-                best = mapped
+        if isinstance(ip, ipaddress.IPv6Address) and 4 in self._nets:
+            inner = embedded_ipv4(ip)
+            if inner is not None:
+                # A translator or tunnel delivers [64:ff9b::a.b.c.d], [2002:a.b.c.d::],
+                # [::a.b.c.d], [::ffff:0:a.b.c.d]... to a.b.c.d: IPv4 rules must see it, or
+                # `deny: [a.b.c.0/24]` is bypassed by respelling the address. One more lookup,
+                # still one dict probe per prefix length.
+                found = self._lookup_ip(inner, port)
+                if found is not None and (best is None or _v4_in_v6_score(found) > best.score()):
+                    best = found
         return best
 
     def _lookup_ip(self, ip: IPAddress, port: int | None) -> _Entry | None:

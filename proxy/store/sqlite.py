@@ -20,6 +20,7 @@ import aiosqlite
 
 from proxy.policy.model import Action, Scope
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
+from proxy.statedir import create_private_file, make_private_dir, tighten_private_file
 from proxy.store.base import NotifyCallback, StoreError
 from proxy.store.migrations import (
     CURRENT_VERSION_SQL,
@@ -31,6 +32,7 @@ BUSY_TIMEOUT_MS = 5000
 PING_TIMEOUT = 2.0
 MIN_SQLITE = (3, 35, 0)  # INSERT ... ON CONFLICT ... RETURNING and DELETE ... RETURNING
 STORED_SCOPES = frozenset({Scope.ALWAYS, Scope.ONCE})
+_SIDE_FILES = ("-wal", "-shm", "-journal")  # files SQLite keeps next to the database
 
 _GRANT_COLS = "id, pattern, action, scope, agent, created_by, note, created_at, expires_at, session"
 _PENDING_COLS = (
@@ -328,7 +330,7 @@ def _prepare(path: Path) -> Path:
             if not parent.is_dir():
                 raise NotADirectoryError(20, "Not a directory", str(parent))
             break
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     if path.exists():
         if path.is_dir():
             raise IsADirectoryError(21, "Is a directory", str(path))
@@ -337,6 +339,13 @@ def _prepare(path: Path) -> Path:
     # WAL mode needs to create <db>-wal and <db>-shm next to the database.
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise PermissionError(13, "Permission denied", str(path.parent))
+    # Grants, pending items and the audit are for the proxy's user only. Create the file 0600
+    # before SQLite does (it would apply the umask); SQLite gives new -wal/-shm files the
+    # database's mode, and ones left by an older version are tightened here.
+    create_private_file(path)
+    for suffix in _SIDE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            tighten_private_file(path.with_name(path.name + suffix))
     return path
 
 

@@ -241,3 +241,89 @@ def test_one_pattern_with_and_without_a_port_and_duplicates(name: str) -> None:
         assert alone.match_address(address, 443) is None
         either = rules.match_address(address)
         assert either is not None and either.pattern == name
+
+
+# --- IPv4 rules see the IPv4 inside IPv6 translation forms ------------------------------------
+
+_EMBEDDINGS_OF_203_0_113_1 = [
+    "::ffff:203.0.113.1",  # IPv4-mapped
+    "64:ff9b::cb00:7101",  # NAT64 well-known prefix
+    "64:ff9b:1::cb00:7101",  # NAT64 local-use prefix
+    "2002:cb00:7101::",  # 6to4
+    "2002:cb00:7101:1234::5",
+    "::cb00:7101",  # IPv4-compatible
+    "::ffff:0:cb00:7101",  # SIIT IPv4-translated
+    "2001:0:4136:e378:8000:63bf:34ff:8efe",  # Teredo (client address stored inverted)
+]
+
+
+@pytest.mark.parametrize("address", _EMBEDDINGS_OF_203_0_113_1)
+def test_ipv4_cidr_rule_matches_the_ipv4_inside_ipv6_forms(address: str) -> None:
+    rules = ruleset("203.0.113.0/24")
+    assert matched(rules, address) == "203.0.113.0/24"
+    found = rules.match_address(ipaddress.ip_address(address), 443)
+    assert found is not None and found.pattern == "203.0.113.0/24"
+
+
+@pytest.mark.parametrize("address", _EMBEDDINGS_OF_203_0_113_1)
+def test_ipv4_address_rule_with_port_matches_ipv6_forms_on_that_port_only(address: str) -> None:
+    rules = ruleset("203.0.113.1:8443")
+    assert matched(rules, address, 8443) == "203.0.113.1:8443"
+    assert matched(rules, address, 443) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::cb00:7201",  # 203.0.114.1: outside the /24
+        "2002:cb00:7201::",
+        "::cb00:7201",
+        "::ffff:0:cb00:7201",
+        "2001:db8::cb00:7101",  # documentation prefix: no embedding
+        "::1",
+        "::",
+        "64:ff9a::cb00:7101",  # one bit off the NAT64 prefix
+        "::fffe:0:cb00:7101",  # one bit off the SIIT prefix
+    ],
+)
+def test_ipv4_cidr_rule_does_not_match_other_ipv6_addresses(address: str) -> None:
+    assert matched(ruleset("203.0.113.0/24"), address) is None
+
+
+def test_ipv6_rule_and_embedded_ipv4_rule_most_specific_wins() -> None:
+    rules = ruleset("64:ff9b::/96", "203.0.113.0/24", "203.0.113.1")
+    # the IPv4 /32 names one destination; the IPv6 /96 covers every NAT64 address
+    assert matched(rules, "64:ff9b::cb00:7101") == "203.0.113.1"
+    assert matched(rules, "64:ff9b::cb00:7102") == "203.0.113.0/24"  # 8 bits open, the /96: 32
+    assert matched(rules, "64:ff9b::cb00:7201") == "64:ff9b::/96"
+    assert matched(rules, "::ffff:0:cb00:7102") == "203.0.113.0/24"
+    exact = ruleset("203.0.113.0/24", "[64:ff9b::cb00:7101]")
+    assert matched(exact, "64:ff9b::cb00:7101") == "[64:ff9b::cb00:7101]"
+
+
+def test_ipv6_rules_alone_still_match_without_ipv4_rules() -> None:
+    rules = ruleset("64:ff9b::/96")
+    assert matched(rules, "64:ff9b::cb00:7101") == "64:ff9b::/96"
+    assert matched(rules, "2002:cb00:7101::") is None
+
+
+@settings(max_examples=200)
+@given(st.ip_addresses(v=4), st.integers(0, 32))
+def test_every_embedding_matches_exactly_when_the_ipv4_does(
+    address: ipaddress.IPv4Address, prefix: int
+) -> None:
+    net = ipaddress.IPv4Network(f"{address}/{prefix}", strict=False)
+    other = ipaddress.IPv4Address(int(address) ^ 0x8000_0000)  # flip the top bit
+    rules = ruleset(str(net) if prefix < 32 else str(address))
+    for inner in (address, other):
+        value = int(inner)
+        forms = [
+            ipaddress.IPv6Address(0xFFFF_0000_0000 | value),  # SIIT
+            ipaddress.IPv6Address((0x0064_FF9B << 96) | value),  # NAT64
+            ipaddress.IPv6Address((0x2002 << 112) | (value << 80)),  # 6to4
+        ]
+        if value > 1:
+            forms.append(ipaddress.IPv6Address(value))  # IPv4-compatible
+        expected = inner in net
+        for form in forms:
+            assert (rules.match_address(form, 443) is not None) == expected, form

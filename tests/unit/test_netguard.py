@@ -91,6 +91,8 @@ def test_special_purpose_addresses_have_their_class(address: str, expected: Addr
         "64:ff9b::808:808",
         "2002:808:808::1",
         "100:0:0:1::",  # just past 100::/64
+        "::ffff:0:808:808",  # SIIT form of a public IPv4
+        "::ffff:0:cb00:7101",
     ],
 )
 def test_public_addresses_are_public(address: str) -> None:
@@ -108,13 +110,34 @@ def test_public_addresses_are_public(address: str) -> None:
         ("2002:7f00:1:1234::5", "127.0.0.1"),
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", "127.0.0.1"),  # Teredo client ~0x80fffffe
         ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # RFC 4380 example
+        ("::ffff:0:127.0.0.1", "127.0.0.1"),  # SIIT IPv4-translated (RFC 2765)
+        ("::ffff:0:7f00:1", "127.0.0.1"),
+        ("::ffff:0:cb00:7101", "203.0.113.1"),
+        ("::ffff:0:0:1", "0.0.0.1"),
+        ("::cb00:7101", "203.0.113.1"),  # IPv4-compatible
+        ("64:ff9b::cb00:7101", "203.0.113.1"),
+        ("2002:cb00:7101::", "203.0.113.1"),
     ],
 )
 def test_embedded_ipv4_is_found_in_every_translation_format(address: str, inner: str) -> None:
     assert embedded_ipv4(v6(address)) == v4(inner)
 
 
-@pytest.mark.parametrize("address", ["::", "::1", "2606:4700::1111", "fe80::1", "::ffff:0:0:1"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::",
+        "::1",
+        "2606:4700::1111",
+        "fe80::1",
+        # Neighbours of the ::ffff:0:0/96 (mapped) and ::ffff:0:0:0/96 (SIIT) prefixes.
+        # ("::ffff:0:0:1" used to be listed here: it is the SIIT form of 0.0.0.1.)
+        "::1:ffff:0:0:1",
+        "::fffe:0:0:1",
+        "::ffff:1:0:1",
+        "0:0:0:1:ffff::1",
+    ],
+)
 def test_addresses_without_an_embedding_have_no_embedded_ipv4(address: str) -> None:
     assert embedded_ipv4(v6(address)) is None
 
@@ -133,6 +156,16 @@ def test_addresses_without_an_embedding_have_no_embedded_ipv4(address: str) -> N
         ("2002:a00:1::", A.PRIVATE),
         ("64:ff9b::6440:1", A.CGNAT),
         ("::ffff:0.0.0.0", A.UNSPECIFIED),
+        ("::ffff:0:7f00:1", A.LOOPBACK),  # SIIT IPv4-translated
+        ("::ffff:0:127.0.0.1", A.LOOPBACK),
+        ("::ffff:0:a9fe:a9fe", A.LINK_LOCAL),
+        ("::ffff:0:a00:1", A.PRIVATE),
+        ("::ffff:0:c0a8:101", A.PRIVATE),
+        ("::ffff:0:6440:1", A.CGNAT),
+        ("::ffff:0:e000:1", A.MULTICAST),
+        ("::ffff:0:0:0", A.UNSPECIFIED),
+        ("::7f00:1", A.LOOPBACK),  # IPv4-compatible, hex spelling
+        ("::a9fe:a9fe", A.LINK_LOCAL),
     ],
 )
 def test_ipv6_embeddings_of_blocked_ipv4_are_blocked_as_that_ipv4(
@@ -171,6 +204,32 @@ def _embeddings(address: ipaddress.IPv4Address) -> list[ipaddress.IPv6Address]:
         ipaddress.IPv6Address((0x2002 << 112) | (value << 80) | 1),
         ipaddress.IPv6Address((0x2001_0000 << 96) | (0x0102_0304 << 64) | (~value & 0xFFFFFFFF)),
     ]
+
+
+def _more_embeddings(address: ipaddress.IPv4Address) -> list[ipaddress.IPv6Address]:
+    """SIIT IPv4-translated and (for non-zero values) IPv4-compatible forms."""
+    value = int(address)
+    forms = [v6("::ffff:0:0:0") + value]
+    if value > 1:  # ::0 and ::1 are the unspecified and loopback addresses, not embeddings
+        forms.append(ipaddress.IPv6Address(value))
+    return forms
+
+
+@given(blocked_ipv4())
+def test_siit_and_compatible_forms_do_not_smuggle_a_blocked_ipv4(
+    address: ipaddress.IPv4Address,
+) -> None:
+    expected = classify(address)
+    for embedded in _more_embeddings(address):
+        assert embedded_ipv4(embedded) == address
+        assert classify(embedded) is expected
+
+
+@given(st.ip_addresses(v=4))
+def test_siit_form_is_classified_like_its_ipv4(address: ipaddress.IPv4Address) -> None:
+    siit = v6("::ffff:0:0:0") + int(address)
+    assert embedded_ipv4(siit) == address
+    assert classify(siit) is classify(address)
 
 
 @given(blocked_ipv4())
