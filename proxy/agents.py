@@ -63,7 +63,7 @@ class AgentRegistry:
             raise AgentsFileError(f"{path}: 'agents' must be a mapping of agent id to entry")
         entries: dict[str, AgentEntry] = {}
         for agent, entry in raw.items():
-            if not isinstance(agent, str) or not AGENT_ID.match(agent):
+            if not isinstance(agent, str) or not AGENT_ID.fullmatch(agent):
                 raise AgentsFileError(f"{path}: invalid agent id {agent!r}")
             if not isinstance(entry, dict) or not {"salt", "hash"} <= entry.keys():
                 raise AgentsFileError(f"{path}: agent {agent!r} needs 'salt' and 'hash'")
@@ -89,7 +89,7 @@ class AgentRegistry:
 
     def add(self, agent: str) -> str:
         """Create (or rotate) `agent`'s token; returns the token, which is never stored."""
-        if not AGENT_ID.match(agent):
+        if not AGENT_ID.fullmatch(agent):
             raise AgentsFileError(
                 f"invalid agent id {agent!r}: letters, digits, '.', '_', '@', '-' (max 128)"
             )

@@ -7,7 +7,8 @@ import binascii
 import re
 from dataclasses import dataclass
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+# Used with fullmatch: `$` would also accept a trailing newline ("trusted-bot\n").
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,6 @@ def parse_proxy_authorization(header: str | None) -> Identity | None:
     if not sep:
         return None
     agent, _, session = user.partition("/")
-    if not _ID.match(agent) or (session and not _ID.match(session)):
+    if not _ID.fullmatch(agent) or (session and not _ID.fullmatch(session)):
         return None
     return Identity(agent, session or None, secret)
