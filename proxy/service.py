@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -41,7 +41,7 @@ from proxy.policy.load import PolicyErrors
 from proxy.policy.model import EffectivePolicy
 from proxy.policy.requirements import load_effective
 from proxy.resolve import Resolver
-from proxy.statedir import secure_state_dir
+from proxy.statedir import make_private_dir, secure_state_dir
 from proxy.store import Store, StoreError, open_store
 from proxy.telemetry import PolicyEvent, Telemetry
 from proxy.telemetry.hub import Sink, StructlogSink
@@ -204,6 +204,15 @@ def _check_url(url: str) -> tuple[str, str]:
     return parts.path or "/", parts.query
 
 
+class _ControlServer(uvicorn.Server):
+    """uvicorn without its own signal handling: SIGTERM belongs to the service's drain (uvicorn
+    would otherwise take the signal, stop the control API first and re-raise it later)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Service:
     """One running egress-warden, minus the proxy engine: build with `start()`, tell it where
     the proxy listens with `proxy_listening()`, stop with `drain()` then `close()`."""
@@ -219,7 +228,7 @@ class Service:
         self._closers: list[Callable[[], object]] = []
         self.store: Store | None = None
         self.otel: OtelSink | None = None
-        self.control: uvicorn.Server | None = None
+        self.control: _ControlServer | None = None
         self._control_task: asyncio.Task[None] | None = None
 
     # -- start-up ----------------------------------------------------------------------------
@@ -229,6 +238,7 @@ class Service:
         cfg, policy = self.cfg, self._initial_policy
         try:
             secure_state_dir(cfg.state_dir)
+            make_private_dir(cfg.state_dir / "ca")  # mitmproxy's CA keys live there
         except OSError as exc:
             raise StartupError(f"state dir {cfg.state_dir}: {exc.strerror or exc}") from exc
         try:
@@ -303,7 +313,7 @@ class Service:
         control_cfg = uvicorn.Config(
             create_app(ctx), log_config=None, access_log=False, lifespan="off"
         )
-        self.control = uvicorn.Server(control_cfg)
+        self.control = _ControlServer(control_cfg)
         self._control_task = asyncio.create_task(self.control.serve(sockets=[self.control_sock]))
         self.audit.start()
         self._tasks.append(asyncio.create_task(self._maintenance()))
