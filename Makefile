@@ -35,6 +35,7 @@ run: install
 lint: install
 	$(BIN)/ruff check proxy addons tests benchmarks
 	$(BIN)/ruff format --check proxy addons tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy proxy addons

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.agents import AgentRegistry, AgentsFileError
@@ -129,8 +130,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_argv = sys.argv[sys.argv.index("run") :] if "run" in sys.argv else ["run"]
         return supervise(run_argv, args.workers, cfg.listen, cfg.control, cfg.state_dir)
 
-    from addons.runtime import serve  # the mitmproxy edge, loaded only to run
     from proxy.service import StartupError
+
+    serve = getattr(args, "engine", None)
+    if serve is None:
+        print(
+            "egress-warden: `run` needs the proxy engine: use the `egress-warden` command "
+            "(or python -m addons.cli)",
+            file=sys.stderr,
+        )
+        return 2
     from proxy.telemetry.hub import configure_logging, flush_logging
 
     configure_logging()
@@ -288,8 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+Engine = Callable[[RunConfig, EffectivePolicy, list[str]], Coroutine[Any, Any, int]]
+
+
+def main(argv: Sequence[str] | None = None, *, engine: Engine | None = None) -> int:
+    """Run one command; `engine` runs the proxy for `run` (the core does not know mitmproxy:
+    `addons.cli` plugs it in)."""
     args = build_parser().parse_args(argv)
+    args.engine = engine
     code: int = args.func(args)
     return code
 

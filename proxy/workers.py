@@ -42,7 +42,7 @@ def supervise(
     env = {**os.environ, REUSE_PORT_ENV: "1"}
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", *argv], env=env, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", "addons.cli", *argv], env=env, stdin=subprocess.DEVNULL
         )
         for _ in range(workers)
     ]

@@ -96,7 +96,7 @@ def start_proxy(
     timeout: float = 30.0,
 ) -> ProxyProcess:
     """Run `egress-warden run` and wait until it announces its listeners."""
-    cmd = [sys.executable, "-m", "proxy.cli", "run", "--listen", listen, "--control", control]
+    cmd = [sys.executable, "-m", "addons.cli", "run", "--listen", listen, "--control", control]
     cmd += ["--state-dir", str(state_dir)]
     for policy in policies:
         cmd += ["--policy", str(policy)]
