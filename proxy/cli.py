@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from proxy.service import StartupError
 
-    serve = getattr(args, "engine", None)
+    serve: Engine | None = getattr(args, "engine", None)
     if serve is None:
         print(
             "egress-warden: `run` needs the proxy engine: use the `egress-warden` command "
