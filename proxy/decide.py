@@ -22,7 +22,7 @@ from proxy.facts import RequestFacts
 from proxy.hosts import IPAddress
 from proxy.netguard import AddressClass, NetGuard
 from proxy.policy.match import RuleSet
-from proxy.policy.model import DefaultAction, EffectivePolicy, Mode, Rule
+from proxy.policy.model import AgentPolicy, DefaultAction, EffectivePolicy, Mode, Rule
 from proxy.verdicts import Decision, Reason, Tier, Verdict
 
 _LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
@@ -78,7 +78,16 @@ def decide(
     own address is checked then): callers resolve a name only when this first pass allows it,
     and decide again with the address before dialling (the gate does both).
     """
-    return apply_mode(_decide_enforced(facts, policy, grants, guard, address), policy)
+    decision = _decide_enforced(facts, policy, grants, guard, address)
+    relaxed = apply_mode(decision, policy)
+    if relaxed is not decision and facts.host is not None:
+        # Audit mode lets a refusal through, but never to the proxy itself or a private
+        # address: the guard (step 4) still runs on what an earlier step would have refused.
+        agent = policy.agents.get(facts.agent) if facts.agent is not None else None
+        guarded = _network_guard(facts, policy, _allow_sets(policy, agent, grants), guard, address)
+        if guarded is not None:
+            return guarded
+    return relaxed
 
 
 def apply_mode(decision: Decision, policy: EffectivePolicy) -> Decision:
@@ -99,6 +108,51 @@ def apply_mode(decision: Decision, policy: EffectivePolicy) -> Decision:
         f"audit mode: would {decision.verdict.value} ({decision.reason.value})",
         decision.tier,
     )
+
+
+def _allow_sets(
+    policy: EffectivePolicy, agent: AgentPolicy | None, grants: Sequence[GrantRules]
+) -> list[RuleSet]:
+    allow_sets = [policy.allow]
+    if agent is not None:
+        allow_sets.append(agent.allow)
+    if not policy.managed_only:  # managed_only: only the requirements' allows count
+        allow_sets.extend(g.allow for g in grants)
+    return allow_sets
+
+
+def _network_guard(
+    facts: RequestFacts,
+    policy: EffectivePolicy,
+    allow_sets: Sequence[RuleSet],
+    guard: NetGuard,
+    address: IPAddress | None,
+) -> Decision | None:
+    """Step 4: a refusal when the dialled address is the proxy itself, or private without an
+    explicit IP/CIDR allow; None when it may be dialled (or is not known yet)."""
+    assert facts.host is not None
+    ip = facts.host.ip if facts.host.ip is not None else address
+    if ip is None and (facts.host.name == "localhost" or facts.host.name.endswith(".localhost")):
+        ip = _LOOPBACK  # RFC 6761: always loopback, known without asking anyone
+    if ip is None:
+        return None
+    klass = guard.classify(ip, facts.port)
+    if klass is AddressClass.SELF:
+        return Decision(
+            Verdict.DENY,
+            Reason.PRIVATE_NETWORK,
+            detail=f"{ip} is the proxy itself",
+            tier=Tier.GUARD,
+        )
+    exempt = klass is AddressClass.PUBLIC or not policy.block_private
+    if not exempt and _first_address_match(allow_sets, ip, facts.port) is None:
+        return Decision(
+            Verdict.DENY,
+            Reason.PRIVATE_NETWORK,
+            detail=f"{ip} is a {klass.value} address",
+            tier=Tier.GUARD,
+        )
+    return None
 
 
 def _decide_enforced(
@@ -152,11 +206,7 @@ def _decide_enforced(
             tier,
         )
 
-    allow_sets = [policy.allow]
-    if agent is not None:
-        allow_sets.append(agent.allow)
-    if not policy.managed_only:  # managed_only: only the requirements' allows count
-        allow_sets.extend(g.allow for g in grants)
+    allow_sets = _allow_sets(policy, agent, grants)
     allow_rule = _first_match(allow_sets, facts)
 
     # 3. port: allowed when listed in network.ports or named by a matching allow rule
@@ -171,27 +221,9 @@ def _decide_enforced(
         )
 
     # 4. the address actually dialled must not be private unless an IP/CIDR allow covers it
-    ip = facts.host.ip if facts.host.ip is not None else address
-    if ip is None and (facts.host.name == "localhost" or facts.host.name.endswith(".localhost")):
-        ip = _LOOPBACK  # RFC 6761: always loopback, known without asking anyone
-    if ip is not None:
-        klass = guard.classify(ip, facts.port)
-        if klass is AddressClass.SELF:
-            return Decision(
-                Verdict.DENY,
-                Reason.PRIVATE_NETWORK,
-                detail=f"{ip} is the proxy itself",
-                tier=Tier.GUARD,
-            )
-        if klass is not AddressClass.PUBLIC and policy.block_private:
-            exempt = _first_address_match(allow_sets, ip, facts.port)
-            if exempt is None:
-                return Decision(
-                    Verdict.DENY,
-                    Reason.PRIVATE_NETWORK,
-                    detail=f"{ip} is a {klass.value} address",
-                    tier=Tier.GUARD,
-                )
+    guarded = _network_guard(facts, policy, allow_sets, guard, address)
+    if guarded is not None:
+        return guarded
 
     # 5. matching allow
     if allow_rule is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.decide import Decision, Reason, Verdict, decide
+from proxy.decide import Decision, Reason, Tier, Verdict, decide
 from proxy.facts import RequestFacts, Transport
 from proxy.hosts import IPAddress, canonicalize_host
 from proxy.netguard import Listener, NetGuard
@@ -142,3 +142,39 @@ def test_audit_mode_allows_but_records_would_deny(tmp_path: Path) -> None:
 
 def test_wildcard_apex_rule_covers_apex(tmp_path: Path) -> None:
     assert _decide(_facts("example.org"), _policy(tmp_path, BASE)).verdict is Verdict.ALLOW
+
+
+AUDIT = """\
+version: 1
+mode: audit
+default: deny
+deny: [bad.example.org]
+network: {ports: [443]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [("bad.example.org", 443), ("github.com", 22), ("unknown.example.net", 443)],
+)
+def test_audit_mode_never_relaxes_into_a_private_address(
+    tmp_path: Path, host: str, port: int
+) -> None:
+    policy = _policy(tmp_path, AUDIT)
+    public = _decide(_facts(host, port), policy, ipaddress.ip_address("93.184.216.34"))
+    assert (public.verdict, public.reason) == (Verdict.ALLOW, Reason.WOULD_DENY)
+    private = _decide(_facts(host, port), policy, ipaddress.ip_address("10.0.0.8"))
+    assert (private.verdict, private.reason) == (Verdict.DENY, Reason.PRIVATE_NETWORK)
+
+
+def test_audit_mode_keeps_the_requirements_floor(tmp_path: Path) -> None:
+    from proxy.policy.requirements import load_effective
+
+    policy_file, floor_file = tmp_path / "p.yaml", tmp_path / "r.yaml"
+    policy_file.write_text(AUDIT)
+    floor_file.write_text("version: 1\ndeny: [floor.example.org]\n")
+    policy, _ = load_effective([policy_file], floor_file)
+    d = _decide(_facts("floor.example.org"), policy)
+    assert (d.verdict, d.reason, d.tier) == (Verdict.DENY, Reason.DENY_RULE, Tier.FLOOR)
+    relaxed = _decide(_facts("bad.example.org"), policy)
+    assert (relaxed.verdict, relaxed.reason) == (Verdict.ALLOW, Reason.WOULD_DENY)
