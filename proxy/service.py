@@ -55,7 +55,9 @@ log = structlog.get_logger("egress-warden")
 MAINTENANCE_INTERVAL = 1.0
 FULL_RECONCILE_EVERY = 10  # maintenance ticks between full passes over the shared queue
 DRAIN_POLL = 0.05  # seconds between checks for open connections while draining
-LOCAL_ADDRESSES_EVERY = 30.0  # seconds between re-reads of the machine's interface addresses
+# Seconds between re-reads of the machine's interface addresses (an interface may come up after
+# start); the environment variable tunes it (tests use a short one).
+LOCAL_ADDRESSES_EVERY = float(os.environ.get("EGRESS_WARDEN_ADDRESS_REFRESH", "30"))
 
 
 class StartupError(Exception):

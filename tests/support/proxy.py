@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,21 @@ def start_proxy(
     control: str = "127.0.0.1:0",
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    prefix: Sequence[str] = (),
 ) -> ProxyProcess:
-    """Run `egress-warden run` and wait until it announces its listeners."""
-    cmd = [sys.executable, "-m", "addons.cli", "run", "--listen", listen, "--control", control]
+    """Run `egress-warden run` (behind `prefix`, e.g. `ip netns exec NS`) and wait until it
+    announces its listeners."""
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "addons.cli",
+        "run",
+        "--listen",
+        listen,
+        "--control",
+        control,
+    ]
     cmd += ["--state-dir", str(state_dir)]
     for policy in policies:
         cmd += ["--policy", str(policy)]
