@@ -13,6 +13,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from mitmproxy.master import Master
 from mitmproxy.proxy import layer, mode_servers
 
+from addons.http_guard import HttpGuard
 from addons.warden import EgressWarden
 from proxy.config import RunConfig
 from proxy.policy.model import EffectivePolicy
@@ -70,9 +71,16 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
         _listen_with_reuse_port()
     master = Master(_proxy_options(cfg), event_loop=asyncio.get_running_loop())
     ps = proxyserver.Proxyserver()
-    warden = EgressWarden(service.gate, service.marker)
+
+    def close_client(client_id: str) -> None:
+        handler = ps.connections.get(client_id)
+        if handler is not None:
+            handler.close_connection(handler.client)
+
+    warden = EgressWarden(service.gate, service.marker, close_client)
     master.addons.add(
         core.Core(),
+        HttpGuard(),  # the request head's limits, before any other addon sees a request
         warden,  # before NextLayer: our next_layer decides tunnels first
         ps,
         _NextLayer(warden),

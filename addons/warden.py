@@ -3,6 +3,7 @@ gate's admissions back into responses, pinned upstreams and tunnels. It decides 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -20,9 +21,10 @@ from proxy.identity import Identity, parse_proxy_authorization
 from proxy.policy.model import InspectRule
 from proxy.responses import render_refusal
 from proxy.telemetry import ConnectionCloseEvent
-from proxy.verdicts import Reason
+from proxy.verdicts import Decision, Reason
 
 _STRIPPED_PREFIX = "x-egress-warden-"
+RECHECK_INTERVAL = 0.5  # seconds: how soon a revocation reaches the tunnels it admitted
 _TLS_HANDSHAKE = 0x16
 
 
@@ -78,6 +80,7 @@ class _Tunnel(_Meter):
     server_id: str = ""
     pin: _Pin = _Pin("", 0)
     inspect: InspectRule | None = None
+    admitted: Decision | None = None  # what let it in: re-checked when the rules change
 
 
 class MeteredTunnel(layers.TCPLayer):
@@ -191,8 +194,17 @@ class EgressWarden:
     """Turns CONNECT (`http_connect`), plain HTTP and inspected requests (`requestheaders`) and
     raw tunnels' ClientHellos (`next_layer`) into facts for the gate; pins upstreams."""
 
-    def __init__(self, gate: Gate, marker: str = "egress-warden") -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        marker: str = "egress-warden",
+        close_client: Callable[[str], None] | None = None,
+    ) -> None:
         self.gate = gate
+        # Closes a client connection (and its upstream) by client id; set by the runtime.
+        self._close_client = close_client or (lambda _client_id: None)
+        self._checked = gate.version
+        self._watcher: asyncio.Task[None] | None = None
         # This instance's token in `Via`: a request that carries it has come round in a loop.
         self._via = f"1.1 {marker}"
         self._marker = marker.lower()
@@ -211,6 +223,42 @@ class EgressWarden:
     def _tunnel_of(self, client: connection.Client, server: connection.Server) -> _Tunnel | None:
         tunnel = self._tunnels.get(client.id)
         return tunnel if tunnel is not None and tunnel.server_id == server.id else None
+
+    def running(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        """Revocation reaches open tunnels: when the rules, grants or identities change they are
+        re-checked at once (within RECHECK_INTERVAL); tunnels past their lifetime are closed."""
+        while True:
+            await asyncio.sleep(RECHECK_INTERVAL)
+            self.recheck_tunnels()
+
+    def recheck_tunnels(self) -> int:
+        """Close the open tunnels the rules in force no longer admit; returns how many."""
+        version = self.gate.version
+        changed, self._checked = version != self._checked, version
+        lifetime = self.gate.policy.max_tunnel_lifetime
+        if not changed and lifetime is None:
+            return 0
+        now = time.monotonic()
+        closed = 0
+        for client_id, tunnel in list(self._tunnels.items()):
+            if lifetime is not None and now - tunnel.started > lifetime:
+                self.gate.expire_tunnel(tunnel.facts, lifetime)
+            elif (
+                not changed
+                or tunnel.admitted is None
+                or self.gate.recheck(tunnel.facts, tunnel.admitted) is None
+            ):
+                continue
+            self._close_client(client_id)
+            closed += 1
+        return closed
 
     def owns(self, nextlayer: layer.NextLayer) -> bool:
         """An admitted raw tunnel: its layer is ours to choose (after its ClientHello)."""
@@ -252,6 +300,7 @@ class EgressWarden:
             server_id=flow.server_conn.id,
             pin=_Pin(str(admission.address), request.port),
             inspect=admission.inspect,
+            admitted=admission.decision,
         )
         self._close_tunnel(self._tunnels.pop(flow.client_conn.id, None))
         self._tunnels[flow.client_conn.id] = tunnel

@@ -77,11 +77,21 @@ class Gate:
         grants: GrantIndex | None = None,
         approvals: ApprovalQueue | None = None,
     ) -> None:
-        self.snapshot = snapshot
+        self._snapshot = snapshot
+        self._generation = 0
         self.resolver = resolver
         self.telemetry = telemetry
         self.grants = grants or GrantIndex()
         self.approvals = approvals
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot  # one assignment: a request sees the old or the new, whole
+        self._generation += 1
 
     @property
     def policy(self) -> EffectivePolicy:
@@ -234,6 +244,42 @@ class Gate:
             Reason.HOST_MISMATCH, f"TLS server name {sni!r} does not match the CONNECT target"
         )
         return self._emit(facts, Admission(decision))
+
+    # -- open tunnels -------------------------------------------------------------------------
+
+    def recheck(self, facts: RequestFacts, admitted: Decision) -> Decision | None:
+        """An open tunnel under the rules and identities in force now: None while it may stay
+        open, else the refusal that closes it (emitted). Revoking an agent, a grant or a rule
+        closes what it admitted; a tunnel a `once` approval admitted stays (nothing revoked it).
+        """
+        snap = self.snapshot
+        registry = snap.auth.registry
+        if facts.agent is not None and (registry is None or facts.agent not in registry):
+            reason = f"agent {facts.agent!r} is no longer registered"
+        else:
+            now = self._first_pass(facts)
+            by_grant = (admitted.source or "").startswith(("grant:", "g-"))
+            by_rule = admitted.reason in (Reason.ALLOW_RULE, Reason.DEFAULT_ALLOW)
+            if now.verdict is Verdict.DENY:
+                reason = f"now refused: {now.detail or now.reason.value}"
+            elif now.verdict is Verdict.HOLD and (by_grant or by_rule):
+                reason = "the rule or grant that admitted it is gone"
+            else:
+                return None
+        decision = _deny(Reason.REVOKED, reason, Tier.FLOOR)
+        self._emit(facts, Admission(decision))
+        return decision
+
+    def expire_tunnel(self, facts: RequestFacts, lifetime: float) -> Decision:
+        """An open tunnel older than `network.max_tunnel_lifetime` is closed (emitted)."""
+        decision = _deny(Reason.REVOKED, f"open longer than {lifetime:g}s", Tier.FLOOR)
+        self._emit(facts, Admission(decision))
+        return decision
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Changes when anything that decides changes (snapshot swapped, grants changed)."""
+        return (self._generation, self.grants.version)
 
     # -- dry runs ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class GrantIndex:
     """All live grants, with compiled rules cached per (agent, session)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.version = 0  # bumped on every change: open tunnels are re-checked when it moves
         self._clock = clock
         self._grants: dict[str, Grant] = {}
         self._cache: dict[tuple[str | None, str | None], tuple[GrantRules, ...]] = {}
@@ -70,6 +71,7 @@ class GrantIndex:
         return sorted(live, key=lambda g: g.created_at)
 
     def _invalidate(self) -> None:
+        self.version += 1
         self._cache.clear()
         expiries = [g.expires_at for g in self._grants.values() if g.expires_at is not None]
         self._next_expiry = min(expiries) if expiries else None

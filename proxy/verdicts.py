@@ -34,6 +34,7 @@ class Reason(StrEnum):
     APPROVAL_UNAVAILABLE = "approval_unavailable"
     APPROVAL_LIMIT = "approval_limit"
     AUTH_REQUIRED = "auth_required"
+    REVOKED = "revoked"  # an open tunnel closed: what admitted it was revoked, or it aged out
 
 
 class Tier(StrEnum):

@@ -369,6 +369,7 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     mode, default = Mode.ENFORCE, DefaultAction.ASK
     ports: frozenset[int] = frozenset({80, 443})
     block_private = True
+    max_tunnel_lifetime: float | None = None
     approval = ApprovalSettings()
     agent_defaults: dict[str, DefaultAction | None] = {}
     telemetry: dict[str, str] = {}
@@ -391,6 +392,8 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                 ports = frozenset(spec.network.ports)
             if "block_private" in spec.network.model_fields_set:
                 block_private = spec.network.block_private
+            if "max_tunnel_lifetime" in spec.network.model_fields_set:
+                max_tunnel_lifetime = spec.network.max_tunnel_lifetime
         if "approval" in given:
             section = spec.approval
             section_given = section.model_fields_set
@@ -431,6 +434,7 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
         deny=_compile((d, r) for d in docs for r in d.deny),
         ports=ports,
         block_private=block_private,
+        max_tunnel_lifetime=max_tunnel_lifetime,
         approval=approval,
         inspect=tuple(rule for d in docs for rule in d.inspect),
         agents=agents,

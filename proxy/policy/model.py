@@ -129,6 +129,7 @@ class EffectivePolicy:
     files: tuple[str, ...]
     # `telemetry:` settings as the standard OTEL_* variables they stand for
     telemetry: Mapping[str, str] = field(default_factory=dict)
+    max_tunnel_lifetime: float | None = None  # seconds; None: tunnels live as long as used
     managed_only: bool = False  # set by a requirements file: only its allows count, no asking
     agents_file: str | None = None  # `auth.agents_file`, resolved against its policy file
     auth_required: bool | None = None  # `auth.required`; None: required iff agents are configured
@@ -222,6 +223,7 @@ class _Section(BaseModel):
 class NetworkSection(_Section):
     ports: list[Port] = Field(default_factory=lambda: [80, 443], min_length=1)
     block_private: StrictBool = True
+    max_tunnel_lifetime: Duration | None = None  # open tunnels are closed after this long
 
 
 class ApprovalSection(_Section):

@@ -125,8 +125,14 @@ def apply_requirements(
         default_cap=cap,
         mode=spec.mode if "mode" in given else Mode.ENFORCE,
     )
+    lifetime = policy.max_tunnel_lifetime
+    if "network" in given and "max_tunnel_lifetime" in spec.network.model_fields_set:
+        cap_life = spec.network.max_tunnel_lifetime
+        if cap_life is not None and (lifetime is None or lifetime > cap_life):
+            lifetime = cap_life
     effective = replace(
         policy,
+        max_tunnel_lifetime=lifetime,
         mode=mode,
         default=default,
         allow=allow,
