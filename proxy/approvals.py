@@ -481,7 +481,7 @@ class ApprovalQueue:
         raise ApprovalError(
             "for_agent_without_agent",
             f"pending item {item_id!r} has no authenticated agent, so there is no agent to "
-            'approve or deny it for; use "for": "all" (it covers every agent)',
+            'approve or deny it for; use "for": "all" (`--for all`), which covers every agent',
             422,
         )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.agents import AgentRegistry
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
 from tests.support.clients import curl
 from tests.support.control import TOKEN, TOKEN_ENV, api, approve, deny, wait_pending
@@ -40,15 +41,25 @@ network:
 approval:
   wait: {wait}
   pending_ttl: 1h
+auth:
+  required: false
 """,
     )
 
 
-def _start(upstreams: Upstreams, tmp: Path, wait: str, state: Path | None = None) -> ProxyProcess:
+def _start(
+    upstreams: Upstreams,
+    tmp: Path,
+    wait: str,
+    state: Path | None = None,
+    agents: Path | None = None,
+) -> ProxyProcess:
     policy = _policy(upstreams, tmp / f"policy-{wait}.yaml", wait)
     extra = resolve_args()
     for name in HELD_NAMES:
         extra += ["--resolve", f"{name}:{ALLOWED_IP}"]
+    if agents is not None:
+        extra += ["--agents", str(agents)]
     return start_proxy(state or tmp / f"state-{wait}", [policy], *extra, env=TOKEN_ENV)
 
 
@@ -62,24 +73,30 @@ def held_proxy(
 
 
 @pytest.fixture(scope="module")
+def agent_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """An agents file with alice and bob: per-agent approvals need verified agents."""
+    path = tmp_path_factory.mktemp("agents") / "agents.yaml"
+    registry = AgentRegistry(path)
+    return path, {agent: registry.add(agent) for agent in ("alice", "bob")}
+
+
+@pytest.fixture(scope="module")
 def quick_proxy(
-    upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
+    upstreams: Upstreams,
+    tmp_path_factory: pytest.TempPathFactory,
+    agent_tokens: tuple[Path, dict[str, str]],
 ) -> Iterator[ProxyProcess]:
-    proc = _start(upstreams, tmp_path_factory.mktemp("quick"), "1s")
+    proc = _start(upstreams, tmp_path_factory.mktemp("quick"), "1s", agents=agent_tokens[0])
     yield proc
     proc.stop()
 
 
 def _get(
-    proxy: ProxyProcess, url: str, agent: str | None = None, timeout: float = 40
+    proxy: ProxyProcess, url: str, auth: tuple[str, str] | None = None, timeout: float = 40
 ) -> httpx.Response:
-    auth = httpx.BasicAuth(agent, "x") if agent else None
-    with httpx.Client(proxy=proxy.url, trust_env=False, timeout=timeout) as client:
-        if auth is not None:
-            # httpx sends proxy credentials from the proxy URL
-            proxy_url = proxy.url.replace("http://", f"http://{agent}:x@")
-            with httpx.Client(proxy=proxy_url, trust_env=False, timeout=timeout) as authed:
-                return authed.get(url)
+    """GET through the proxy; `auth` (agent, token) is sent as proxy credentials."""
+    target = httpx.Proxy(proxy.url, auth=auth) if auth else proxy.url
+    with httpx.Client(proxy=target, trust_env=False, timeout=timeout) as client:
         return client.get(url)
 
 
@@ -253,15 +270,18 @@ def test_session_scope_allows_until_restart_and_always_survives_kill_9(
 
 
 def test_agent_scoped_approval_does_not_leak_to_another_agent(
-    quick_proxy: ProxyProcess, upstreams: Upstreams
+    quick_proxy: ProxyProcess, upstreams: Upstreams, agent_tokens: tuple[Path, dict[str, str]]
 ) -> None:
+    _, tokens = agent_tokens
+    alice, bob_auth = ("alice", tokens["alice"]), ("bob", tokens["bob"])
     url = f"http://{HELD_NAMES[8]}:{upstreams.http.port}/agents"
-    first = _get(quick_proxy, url, agent="alice")
+    first = _get(quick_proxy, url, alice)
     approve(
         quick_proxy, first.headers["x-egress-warden-pending-id"], scope="session", grant_for="agent"
     )
-    assert _get(quick_proxy, url, agent="alice").status_code == 200
-    bob = _get(quick_proxy, url, agent="bob")
+    assert _get(quick_proxy, url, alice).status_code == 200
+    assert _get(quick_proxy, url).headers["x-egress-warden-reason"] == "approval_pending"
+    bob = _get(quick_proxy, url, bob_auth)
     assert bob.status_code == 403
     assert bob.headers["x-egress-warden-reason"] == "approval_pending"
     with api(quick_proxy) as client:

@@ -44,8 +44,10 @@ def wait_pending(
 
 
 def approve(
-    proxy: ProxyProcess, item_id: str, scope: str = "once", grant_for: str = "agent"
+    proxy: ProxyProcess, item_id: str, scope: str = "once", grant_for: str = "all"
 ) -> dict[str, Any]:
+    """Approve `item_id`; "for": "agent" is refused (422) for an item no verified agent asked
+    for, so per-agent tests pass grant_for="agent" explicitly."""
     with api(proxy) as client:
         response = client.post(
             f"/v1/pending/{item_id}/approve",
@@ -55,8 +57,12 @@ def approve(
     return response.json()
 
 
-def deny(proxy: ProxyProcess, item_id: str, scope: str = "once") -> dict[str, Any]:
+def deny(
+    proxy: ProxyProcess, item_id: str, scope: str = "once", grant_for: str = "all"
+) -> dict[str, Any]:
     with api(proxy) as client:
-        response = client.post(f"/v1/pending/{item_id}/deny", json={"scope": scope, "for": "agent"})
+        response = client.post(
+            f"/v1/pending/{item_id}/deny", json={"scope": scope, "for": grant_for}
+        )
     assert response.status_code == 200, response.text
     return response.json()
