@@ -13,6 +13,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -103,6 +104,17 @@ def local_addresses() -> list[IPAddress]:
                 with contextlib.suppress(ValueError):
                     found.append(ipaddress.ip_address(address.address.partition("%")[0]))
     return found
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard limit (each tunnel holds two sockets; the
+    usual soft limit of 1024 would cap a proxy at ~500 tunnels). Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def loop_marker(token: str) -> str:
@@ -247,6 +259,7 @@ class Service:
             auth = build_authenticator(cfg, policy)
         except AgentsFileError as exc:
             raise StartupError(str(exc)) from exc
+        self.open_files = raise_open_file_limit()
         check_free(cfg.listen)
         self.control_sock = bind(cfg.control)
         self._closers.append(self.control_sock.close)
@@ -351,6 +364,7 @@ class Service:
             agents=len(snap.auth.registry) if snap.auth.registry is not None else 0,
             grants=len(self.grants.all()),
             pending=self.restored,
+            open_files=self.open_files,
             store=self.cfg.store_url.split("://", 1)[0],
         )
 

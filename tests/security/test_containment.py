@@ -410,3 +410,17 @@ def test_sigterm_answers_held_requests_and_records_them(
             "SELECT decision, reason FROM decisions WHERE host = 'held.shutdown.test'"
         ).fetchall()
     assert ("deny", "approval_pending") in rows and ("hold", "default_ask") in rows
+
+
+def test_open_file_soft_limit_is_raised_at_start(
+    tmp_path: Path, make_proxy: list[ProxyProcess]
+) -> None:
+    # Each tunnel holds two sockets: a 1024-file soft limit would cap the proxy at ~500.
+    proxy = _start(make_proxy, tmp_path, "version: 1\ndefault: deny\n")
+    limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
+    soft, hard = next(
+        line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")
+    )
+    assert soft == hard, limits
+    listening = next(line for line in proxy.lines if line.get("event") == "egress.listening")
+    assert str(listening["open_files"]) == soft
