@@ -73,7 +73,8 @@ class _Body(BaseModel):
 
 class DecisionBody(_Body):
     scope: Scope = Scope.ONCE
-    grant_for: GrantFor = Field(GrantFor.AGENT, alias="for")
+    # None: the requesting agent, or every agent when the item has no verified agent
+    grant_for: GrantFor | None = Field(None, alias="for")
     note: str = Field("", max_length=2000)
 
 

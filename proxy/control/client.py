@@ -92,13 +92,13 @@ class ControlClient:
         return self._list(self._request("GET", "/v1/pending"))
 
     def approve(
-        self, id: str, scope: str = "once", for_: str = "agent", note: str | None = None
+        self, id: str, scope: str = "once", for_: str | None = None, note: str | None = None
     ) -> dict[str, Any]:
         """Approve pending item `id`; releases every request waiting on it."""
         return self._resolve(id, "approve", scope, for_, note)
 
     def deny(
-        self, id: str, scope: str = "once", for_: str = "agent", note: str | None = None
+        self, id: str, scope: str = "once", for_: str | None = None, note: str | None = None
     ) -> dict[str, Any]:
         """Deny pending item `id`; waiting requests are answered 403."""
         return self._resolve(id, "deny", scope, for_, note)
@@ -130,9 +130,11 @@ class ControlClient:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _resolve(
-        self, id: str, action: str, scope: str, for_: str, note: str | None
+        self, id: str, action: str, scope: str, for_: str | None, note: str | None
     ) -> dict[str, Any]:
-        body = {"scope": scope, "for": for_, "note": note or ""}
+        body = {"scope": scope, "note": note or ""}
+        if for_ is not None:
+            body["for"] = for_
         answer = self._request(
             "POST",
             f"/v1/pending/{_segment(id)}/{action}",
@@ -551,8 +553,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
             "--for",
             dest="for_",
             choices=FOR_CHOICES,
-            default="agent",
-            help="just the requesting agent, or all agents (default: agent)",
+            default=None,
+            help="just the requesting agent, or all agents (default: the requesting agent; "
+            "all agents when it had no verified agent)",
         )
         parser.add_argument("--note", metavar="T", help="free-text note recorded with it")
         _add_common(parser)

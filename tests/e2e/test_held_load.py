@@ -26,7 +26,7 @@ def load_proxy(
     upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp("load")
-    policy = ask_policy(tmp / "policy.yaml", upstreams, "{wait: 60s}")
+    policy = ask_policy(tmp / "policy.yaml", upstreams, "{wait: 60s, max_pending: 100}")
     extra = resolve_args()
     for name in DESTINATIONS:
         extra += ["--resolve", f"{name}:{ALLOWED_IP}"]

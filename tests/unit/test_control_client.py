@@ -158,14 +158,14 @@ def build_app(seen: list[tuple[str, str, Any]]) -> FastAPI:
         grant = None
         if resolution == "approved" and body["scope"] != "once":
             grant = {**GRANT, "scope": body["scope"], "note": body.get("note") or ""}
-            if body["for"] == "agent":
+            if body.get("for", "agent") == "agent":
                 grant["agent"] = item["agent"]
         return JSONResponse(
             {
                 "id": item_id,
                 "resolution": resolution,
                 "scope": body["scope"],
-                "for": body["for"],
+                "for": body.get("for", "agent"),
                 "released": item["waiting"],
                 "grant": grant,
             }
@@ -430,7 +430,7 @@ def test_approve_defaults(
     assert with_token(api, monkeypatch, "approve", "1a2b3c") == 0
     out = capsys.readouterr().out
     assert out == "approved 1a2b3c (scope once, for agent): released 3 waiting request(s)\n"
-    assert api.seen[-1][2] == {"scope": "once", "for": "agent", "note": ""}
+    assert api.seen[-1][2] == {"scope": "once", "note": ""}
 
 
 def test_deny_message(
