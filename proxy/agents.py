@@ -24,6 +24,10 @@ from proxy.statedir import make_private_dir
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 
+_DUMMY_SALT = secrets.token_hex(16)
+_DUMMY_HASH = hashlib.sha256(b"no such agent").hexdigest()
+
+
 class AgentsFileError(Exception):
     """The agents file cannot be used; the message names the file and the problem."""
 
@@ -84,6 +88,9 @@ class AgentRegistry:
     def verify(self, agent: str, token: str) -> bool:
         entry = self._entries.get(agent)
         if entry is None:
+            # Hash anyway: an unknown id must cost what a wrong token costs, or timing tells
+            # a prober which ids exist.
+            hmac.compare_digest(_digest(_DUMMY_SALT, token), _DUMMY_HASH)
             return False
         return hmac.compare_digest(_digest(entry.salt, token), entry.hash)
 
