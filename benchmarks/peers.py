@@ -159,7 +159,7 @@ def warden_policy(path: Path, extra_rules: int, ports: Sequence[int]) -> Path:
     lines += [f"  - {BENCH_HOST}", '  - "127.0.0.1/32"']
     lines += [f'  - "{p}"' for p in patterns]
     lines += [f"network:\n  ports: [{', '.join(str(p) for p in sorted(ports))}]"]
-    lines += ["  block_private: true", f"approval:\n  wait: {APPROVAL_WAIT}\n  pending_ttl: 1h"]
+    lines += ["  block_private: true", f"approval:\n  wait: {APPROVAL_WAIT}\n  pending_ttl: 1h\n  max_pending: 1000"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -200,7 +200,8 @@ def start_warden(
     for name in [BENCH_HOST, *held_names()]:
         argv += ["--resolve", f"{name}:127.0.0.1"]
     token = secrets.token_hex(16)
-    env = clean_env(EGRESS_WARDEN_CONTROL_TOKEN=token)
+    # The idle-tunnel workload opens 2,000 tunnels from one address: lift the per-client cap.
+    env = clean_env(EGRESS_WARDEN_CONTROL_TOKEN=token, EGRESS_WARDEN_MAX_CONNECTIONS_PER_CLIENT="0")
     started = time.perf_counter()
     proc = sup.spawn(key, argv, workdir / "warden.log", env=env)
     wait_until(lambda: _warden_ready(port, control, workers), proc, timeout=180, interval=0.05)
