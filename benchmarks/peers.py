@@ -159,7 +159,10 @@ def warden_policy(path: Path, extra_rules: int, ports: Sequence[int]) -> Path:
     lines += [f"  - {BENCH_HOST}", '  - "127.0.0.1/32"']
     lines += [f'  - "{p}"' for p in patterns]
     lines += [f"network:\n  ports: [{', '.join(str(p) for p in sorted(ports))}]"]
-    lines += ["  block_private: true", f"approval:\n  wait: {APPROVAL_WAIT}\n  pending_ttl: 1h\n  max_pending: 1000"]
+    lines += [
+        "  block_private: true",
+        f"approval:\n  wait: {APPROVAL_WAIT}\n  pending_ttl: 1h\n  max_pending: 1000",
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
