@@ -1,16 +1,22 @@
-"""The decision audit: every decision event becomes a row in the store, written in batches."""
+"""The decision audit: every decision event becomes a row in the store, written in batches.
+
+A row the store refuses never stops the audit: the batch holding it is written in halves down
+to that row, which is tried once more in plain ASCII and then dropped (counted, with an
+`egress.audit.dropped` event). Only a store that does not answer keeps rows waiting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import structlog
 
 from proxy.eventbus import EventBus
 from proxy.records import DecisionRecord
-from proxy.store import Store
+from proxy.render import storable_text
+from proxy.store import Store, StoreError
 from proxy.telemetry import DecisionEvent, Event
 from proxy.telemetry.events import Attributes
 
@@ -19,6 +25,8 @@ log = structlog.get_logger("egress-warden")
 BATCH = 500
 FLUSH_INTERVAL = 0.05
 QUEUE_LIMIT = 100_000
+# While the store does not answer, rounds back off up to this (one warning per round).
+RETRY_MAX_INTERVAL = 5.0
 
 
 def decision_record(event: DecisionEvent) -> DecisionRecord:
@@ -45,25 +53,21 @@ def decision_record(event: DecisionEvent) -> DecisionRecord:
 
 
 def record_json(record: DecisionRecord) -> dict[str, Any]:
-    return {
-        "request_id": record.request_id,
-        "at": record.at,
-        "decision": record.decision,
-        "reason": record.reason,
-        "host": record.host,
-        "port": record.port,
-        "method": record.method,
-        "transport": record.transport,
-        "agent": record.agent,
-        "session": record.session,
-        "rule": record.rule,
-        "source": record.source,
-        "client_address": record.client_address,
-        "peer_address": record.peer_address,
-        "mode": record.mode,
-        "path": record.path,
-        "pending_id": record.pending_id,
+    """An audit row as the API shows it: every text as the store keeps it (`storable_text`), so
+    live events and the stored audit read the same and any JSON encoder takes them."""
+    row = dataclasses.asdict(record)
+    return {name: storable_text(v) if isinstance(v, str) else v for name, v in row.items()}
+
+
+def _ascii_record(record: DecisionRecord) -> DecisionRecord:
+    """The last form a refused row is offered in: every text escaped to ASCII (a database whose
+    encoding is narrower than UTF-8 takes that too)."""
+    changes: dict[str, Any] = {
+        name: v.encode("ascii", "backslashreplace").decode("ascii")
+        for name, v in dataclasses.asdict(record).items()
+        if isinstance(v, str)
     }
+    return dataclasses.replace(record, **changes)
 
 
 class AuditWriter:
@@ -76,7 +80,7 @@ class AuditWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._written_since_prune = 0
-        self.dropped = 0
+        self.dropped = 0  # rows lost: queue full, or refused by the store
 
     def add(self, record: DecisionRecord) -> None:
         if len(self._buffer) >= QUEUE_LIMIT:
@@ -90,28 +94,71 @@ class AuditWriter:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def _run(self) -> None:
+        interval = FLUSH_INTERVAL
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), FLUSH_INTERVAL)
+                await asyncio.wait_for(self._wakeup.wait(), interval)
             self._wakeup.clear()
             try:
                 await self.flush()
-            except Exception as exc:  # the store may be briefly unavailable: retry next round
-                log.warning("egress.audit", error=str(exc))
+            except StoreError as exc:  # the store does not answer: rows wait, retried later
+                log.warning("egress.audit", error=str(exc), buffered=len(self._buffer))
+                interval = min(interval * 2, RETRY_MAX_INTERVAL)
+            except Exception:  # a bug here must not end the audit for good
+                log.exception("egress.audit")
+                interval = min(interval * 2, RETRY_MAX_INTERVAL)
+            else:
+                interval = FLUSH_INTERVAL
 
     async def flush(self) -> None:
-        """Write everything buffered so far (also called before the audit is read)."""
+        """Write everything buffered so far (also called before the audit is read).
+
+        Raises StoreError only when the store does not answer; the rows stay buffered."""
         while self._buffer:
             batch, self._buffer = self._buffer[:BATCH], self._buffer[BATCH:]
-            try:
-                await self._store.record_decisions(batch)
-            except Exception:
-                self._buffer = batch + self._buffer
-                raise
+            await self._write(batch)
             self._written_since_prune += len(batch)
         if self._written_since_prune >= max(1000, self._retention // 10):
             self._written_since_prune = 0
-            await self._store.prune_decisions(self._retention)
+            try:
+                await self._store.prune_decisions(self._retention)
+            except Exception as exc:
+                raise StoreError(f"cannot prune the decision audit: {exc}") from exc
+
+    async def _write(self, batch: list[DecisionRecord]) -> None:
+        """Write `batch` in order. When the store refuses it but answers a ping, some row is at
+        fault: halves are written apart down to single rows; a single row refused again in
+        plain ASCII is dropped. Each row is tried at most log2(BATCH) + 2 times."""
+        todo: list[tuple[list[DecisionRecord], bool]] = [(batch, False)]  # (rows, last form)
+        refused: list[DecisionRecord] = []
+        error: Exception | None = None
+        while todo:
+            rows, last = todo.pop()
+            try:
+                await self._store.record_decisions(rows)
+                continue
+            except Exception as exc:
+                error = exc
+            if not await self._store.ping():
+                unwritten = rows + [row for part, _ in reversed(todo) for row in part]
+                self._buffer[:0] = unwritten
+                raise StoreError(f"the decision audit cannot be written: {error}") from error
+            if len(rows) > 1:
+                middle = len(rows) // 2
+                todo += [(rows[middle:], False), (rows[:middle], False)]
+            elif not last:
+                todo.append(([_ascii_record(rows[0])], True))
+            else:
+                refused.append(rows[0])
+        if refused:
+            self.dropped += len(refused)
+            log.error(
+                "egress.audit.dropped",
+                count=len(refused),
+                total=self.dropped,
+                request_ids=[storable_text(r.request_id, 64) for r in refused[:10]],
+                error=storable_text(str(error), 500),
+            )
 
     async def stop(self) -> None:
         if self._task is not None:

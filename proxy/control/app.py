@@ -26,7 +26,7 @@ from proxy.grants import GrantIndex
 from proxy.policy.match import parse_pattern
 from proxy.policy.model import Action, EffectivePolicy, Scope
 from proxy.records import Grant, GrantFor
-from proxy.store import Store
+from proxy.store import Store, StoreError
 from proxy.verdicts import Decision
 
 KEEPALIVE_SECONDS = 15.0
@@ -309,8 +309,11 @@ def create_app(ctx: ControlContext) -> FastAPI:
         host: Annotated[str | None, Query(max_length=300)] = None,
         decision: Annotated[Literal["allow", "deny", "hold"] | None, Query()] = None,
     ) -> list[dict[str, Any]]:
-        await ctx.audit.flush()
-        rows = await ctx.store.list_decisions(limit=limit, host=host, decision=decision)
+        try:
+            await ctx.audit.flush()
+            rows = await ctx.store.list_decisions(limit=limit, host=host, decision=decision)
+        except StoreError as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from exc
         return [record_json(r) for r in rows]
 
     @v1.get("/policy", tags=["policy"])

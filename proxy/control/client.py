@@ -2,6 +2,8 @@
 
 `ControlClient` is a small synchronous wrapper over the HTTP contract (SPEC section 5);
 `add_client_commands` registers the matching `egress-warden` subcommands on an argparse parser.
+Every value printed for a person passes `safe_text`: hosts, methods, paths, notes and ids come
+from agents, and a terminal must not take them for commands.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from proxy.control.token import TOKEN_ENV
+from proxy.render import safe_text
 
 URL_ENV = "EGRESS_WARDEN_CONTROL_URL"
 DEFAULT_CONTROL_URL = "http://127.0.0.1:8081"
@@ -276,31 +280,41 @@ def resolve_control_url(value: str | None) -> str:
 # -- rendering ---------------------------------------------------------------------------------
 
 
+def _width(cell: str) -> int:
+    """Terminal columns `cell` takes: wide East Asian characters two, combining marks none."""
+    if cell.isascii():
+        return len(cell)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in cell
+    )
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; no trailing whitespace."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
+    """Left-aligned columns separated by two spaces; no trailing whitespace. Cells are escaped
+    here (`safe_text`), so widths are those of the text as it prints."""
+    shown = [[safe_text(cell) for cell in row] for row in (headers, *rows)]
+    widths = [max(_width(row[i]) for row in shown) for i in range(len(headers))]
     lines = []
-    for row in (headers, *rows):
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+    for row in shown:
+        cells = [cell + " " * (widths[i] - _width(cell)) for i, cell in enumerate(row)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
 def _text(value: Any) -> str:
+    """A value for a person: `-` when absent, control and invisible characters escaped."""
     if value is None or value == "":
         return "-"
-    return str(value)
+    return safe_text(str(value))
 
 
 def _destination(item: dict[str, Any]) -> str:
-    host = str(item.get("host") or "?")
+    host = safe_text(str(item.get("host") or "?"))
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     port = item.get("port")
-    return f"{host}:{port}" if port is not None else host
+    return f"{host}:{_text(port)}" if port is not None else host
 
 
 def format_duration(seconds: float) -> str:
@@ -392,7 +406,7 @@ def render_decisions(items: list[dict[str, Any]]) -> str:
             _text(item.get("decision")),
             _text(item.get("reason")),
             _text(item.get("agent")),
-            _destination(item) + (str(item["path"]) if item.get("path") else ""),
+            _destination(item) + (_text(item["path"]) if item.get("path") else ""),
             _text(item.get("rule")),
         ]
         for item in items
@@ -403,11 +417,11 @@ def render_decisions(items: list[dict[str, Any]]) -> str:
 
 def render_resolution(answer: dict[str, Any], fallback_id: str) -> str:
     """One-line confirmation of an approve/deny, plus the grant it created, if any."""
-    resolution = str(answer.get("resolution") or "resolved")
+    resolution = _text(answer.get("resolution") or "resolved")
     item_id = _text(answer.get("id") or fallback_id)
     scope = _text(answer.get("scope"))
     for_ = _text(answer.get("for"))
-    released = answer.get("released", 0)
+    released = _text(answer.get("released", 0))
     head = f"{resolution} {item_id} (scope {scope}, for {for_})"
     if resolution == "denied":
         line = f"{head}: answered {released} waiting request(s) with 403"
@@ -415,7 +429,7 @@ def render_resolution(answer: dict[str, Any], fallback_id: str) -> str:
         line = f"{head}: released {released} waiting request(s)"
     grant = answer.get("grant")
     if isinstance(grant, dict):
-        who = grant.get("agent") or "all agents"
+        who = _text(grant.get("agent") or "all agents")
         line += (
             f"\ngrant {_text(grant.get('id'))}: {_text(grant.get('action'))} "
             f"{_text(grant.get('pattern'))} ({_text(grant.get('scope'))}, for {who})"
@@ -435,7 +449,7 @@ def _run(args: argparse.Namespace, handler: Handler) -> int:
         with ControlClient(resolve_control_url(getattr(args, "control", None)), token) as client:
             return handler(client, args)
     except ControlError as exc:
-        print(f"egress-warden: {exc.message}", file=sys.stderr)
+        print(f"egress-warden: {safe_text(exc.message)}", file=sys.stderr)
         return exc.exit_code
 
 

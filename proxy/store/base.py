@@ -111,7 +111,11 @@ class Store(Protocol):
 
     # decision audit (append-heavy: called with batches)
     async def record_decisions(self, records: Sequence[DecisionRecord]) -> None:
-        """Append a batch of decision audit rows in one transaction."""
+        """Append a batch of decision audit rows in one transaction.
+
+        Any text is taken: each is stored as `proxy.render.storable_text` makes it (undecodable
+        bytes and NUL escaped, capped at FIELD_LIMIT), and read back that way.
+        """
         ...
 
     async def list_decisions(

@@ -20,6 +20,7 @@ import aiosqlite
 
 from proxy.policy.model import Action, Scope
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
+from proxy.render import FIELD_LIMIT, storable_text
 from proxy.statedir import create_private_file, make_private_dir, tighten_private_file
 from proxy.store.base import NotifyCallback, StoreError
 from proxy.store.migrations import (
@@ -71,7 +72,7 @@ def _decisions_query(
     params: list[Any] = []
     for column, value in (("host", host), ("decision", decision)):
         if value is not None:
-            params.append(value)
+            params.append(storable_text(value, None))  # compared as the rows were stored
             where.append(f"{column} = {mark(len(params))}")
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     params.append(limit)
@@ -148,8 +149,14 @@ APPROVAL_LATEST_SQL = (
 )
 
 
+def _storable(params: tuple[Any, ...], limit: int | None = None) -> tuple[Any, ...]:
+    """Every text parameter in a form both databases store (see `storable_text`): a value an
+    agent sent (an undecodable byte, a NUL) must never make a write fail."""
+    return tuple(storable_text(v, limit) if isinstance(v, str) else v for v in params)
+
+
 def _rekey_params(p: PendingItem) -> tuple[Any, ...]:
-    return (p.id, _agent_key(p.agent), p.host, p.port)
+    return _storable((p.id, _agent_key(p.agent), p.host, p.port))
 
 
 def _agent_key(agent: str | None) -> str:
@@ -168,17 +175,19 @@ def _enum_value(value: Scope | GrantFor | None) -> str | None:
 
 
 def _grant_params(g: Grant) -> tuple[Any, ...]:
-    return (
-        g.id,
-        g.pattern,
-        g.action.value,
-        g.scope.value,
-        g.agent,
-        g.created_by,
-        g.note,
-        g.created_at,
-        g.expires_at,
-        g.session,
+    return _storable(
+        (
+            g.id,
+            g.pattern,
+            g.action.value,
+            g.scope.value,
+            g.agent,
+            g.created_by,
+            g.note,
+            g.created_at,
+            g.expires_at,
+            g.session,
+        )
     )
 
 
@@ -198,20 +207,22 @@ def _grant_from(r: Row) -> Grant:
 
 
 def _pending_params(p: PendingItem) -> tuple[Any, ...]:
-    return (
-        p.id,
-        p.host,
-        p.port,
-        p.scheme,
-        p.method,
-        p.agent,
-        p.session,
-        p.first_seen,
-        p.last_seen,
-        p.count,
-        p.expires_at,
-        p.review,
-        _agent_key(p.agent),
+    return _storable(
+        (
+            p.id,
+            p.host,
+            p.port,
+            p.scheme,
+            p.method,
+            p.agent,
+            p.session,
+            p.first_seen,
+            p.last_seen,
+            p.count,
+            p.expires_at,
+            p.review,
+            _agent_key(p.agent),
+        )
     )
 
 
@@ -233,20 +244,22 @@ def _pending_from(r: Row) -> PendingItem:
 
 
 def _approval_params(a: ApprovalRecord) -> tuple[Any, ...]:
-    return (
-        a.id,
-        a.state,
-        a.host,
-        a.port,
-        a.agent,
-        _enum_value(a.scope),
-        _enum_value(a.grant_for),
-        a.approver,
-        a.reviewer,
-        a.note,
-        a.wait_ms,
-        a.at,
-        a.grant_id,
+    return _storable(
+        (
+            a.id,
+            a.state,
+            a.host,
+            a.port,
+            a.agent,
+            _enum_value(a.scope),
+            _enum_value(a.grant_for),
+            a.approver,
+            a.reviewer,
+            a.note,
+            a.wait_ms,
+            a.at,
+            a.grant_id,
+        )
     )
 
 
@@ -269,24 +282,28 @@ def _approval_from(r: Row) -> ApprovalRecord:
 
 
 def _decision_params(d: DecisionRecord) -> tuple[Any, ...]:
-    return (
-        d.request_id,
-        d.at,
-        d.decision,
-        d.reason,
-        d.host,
-        d.port,
-        d.method,
-        d.transport,
-        d.agent,
-        d.session,
-        d.rule,
-        d.source,
-        d.client_address,
-        d.peer_address,
-        d.mode,
-        d.path,
-        d.pending_id,
+    """An audit row's values, each text capped at FIELD_LIMIT characters."""
+    return _storable(
+        (
+            d.request_id,
+            d.at,
+            d.decision,
+            d.reason,
+            d.host,
+            d.port,
+            d.method,
+            d.transport,
+            d.agent,
+            d.session,
+            d.rule,
+            d.source,
+            d.client_address,
+            d.peer_address,
+            d.mode,
+            d.path,
+            d.pending_id,
+        ),
+        FIELD_LIMIT,
     )
 
 
