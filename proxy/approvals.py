@@ -9,11 +9,10 @@ requests held on every replica.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -116,18 +115,6 @@ def verdict_from_record(record: ApprovalRecord) -> Verdict | None:
     )
 
 
-def _grant_to_json(grant: Grant) -> str:
-    data = asdict(grant)
-    data["action"], data["scope"] = grant.action.value, grant.scope.value
-    return json.dumps(data)
-
-
-def _grant_from_json(text: str) -> Grant:
-    data = json.loads(text)
-    data["action"], data["scope"] = Action(data["action"]), Scope(data["scope"])
-    return Grant(**data)
-
-
 class ApprovalQueue:
     """Pending items (in the store) and the requests waiting on them here (in memory)."""
 
@@ -154,6 +141,7 @@ class ApprovalQueue:
         self._keys: dict[PendingKey, str] = {}
         self._per_agent: dict[str | None, int] = {}
         self._draining: asyncio.Future[None] | None = None
+        self._grants_seen: tuple[int, float, str] | None = None
 
     def _put(self, item: PendingItem) -> None:
         if item.id not in self._items:
@@ -211,7 +199,7 @@ class ApprovalQueue:
         """Re-read pending items and persisted grants from the store."""
         items = await self._store.list_pending(self._clock())
         self._replace_items(items)
-        self._grants.replace_persisted(await self._store.list_grants())
+        await self._resync_grants()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -372,6 +360,7 @@ class ApprovalQueue:
         allowed_scopes: frozenset[Scope],
         reviewer: str = "human",
         by_policy: bool = False,
+        session_ttl: float = 8 * 3600.0,
     ) -> ResolveResult:
         """Approve or deny a pending item: release its waiters (on every replica), record it.
 
@@ -397,7 +386,7 @@ class ApprovalQueue:
         if item.expires_at <= self._clock():
             raise ApprovalError("not_found", f"pending item {item_id!r} has expired", 404)
 
-        grant = await self._make_grant(item, outcome, scope, grant_for, approver, note)
+        grant = await self._make_grant(item, outcome, scope, grant_for, approver, note, session_ttl)
         verdict = Verdict(
             outcome,
             item.id,
@@ -420,11 +409,12 @@ class ApprovalQueue:
             grant_id=verdict.grant_id,
         )
         await self._store.record_approval(record)
+        if scope is Scope.ONCE and outcome is Outcome.APPROVED and self.waiting(item.id) == 0:
+            # Nobody waits here: the agent's next retry gets through, once. Stored before any
+            # other replica hears of the approval, so a request released there uses it up.
+            await self._one_shot(item, grant_for, approver, note)
         released = self._release(item.id, verdict)
         self._notify(CHANNEL_RESOLVED, item.id)
-        if scope is Scope.ONCE and released == 0 and outcome is Outcome.APPROVED:
-            # Nobody waits here any more: the agent's next retry gets through, once.
-            await self._one_shot(item, grant_for, approver, note)
         if grant_for is GrantFor.ALL:
             # The same destination pending for other agents is covered by this verdict too.
             released += await self._resolve_siblings(item, verdict)
@@ -543,6 +533,7 @@ class ApprovalQueue:
         grant_for: GrantFor,
         approver: str,
         note: str,
+        session_ttl: float,
     ) -> Grant | None:
         if scope is Scope.ONCE:
             return None
@@ -557,16 +548,14 @@ class ApprovalQueue:
             created_by=approver,
             note=note,
             created_at=self._clock(),
+            expires_at=self._clock() + session_ttl if scope is Scope.SESSION else None,
         )
         await self.add_grant(grant)
         return grant
 
     async def add_grant(self, grant: Grant) -> None:
-        """Persist (always) or share (session) a grant with every replica."""
-        if grant.scope is Scope.SESSION:
-            self._grants.add(grant)
-            self._notify(CHANNEL_GRANTS, _grant_to_json(grant))
-            return
+        """Store a grant of any scope (the store is what every worker and replica enforces),
+        then tell the replicas at once (they also poll the store's grants signature)."""
         await self._store.add_grant(grant)
         self._grants.add(grant)
         self._notify(CHANNEL_GRANTS, RESYNC_PAYLOAD)
@@ -625,8 +614,6 @@ class ApprovalQueue:
         elif channel == CHANNEL_GRANTS:
             if payload.startswith(REVOKE_PREFIX):
                 self._grants.remove(payload.removeprefix(REVOKE_PREFIX))
-            elif payload.startswith("{"):
-                self._grants.add(_grant_from_json(payload))
             else:
                 self._spawn(self._resync_grants())
         elif channel == CHANNEL_PENDING and payload == RESYNC_PAYLOAD:
@@ -639,11 +626,25 @@ class ApprovalQueue:
             return
         record = await self._store.latest_approval(item_id)
         verdict = verdict_from_record(record) if record is not None else None
-        if verdict is not None:
-            self._release(item_id, verdict)
+        if verdict is None or self._release(item_id, verdict) == 0:
+            return
+        if verdict.scope is Scope.ONCE and verdict.outcome is Outcome.APPROVED:
+            # The approving replica left a one-shot pass (nobody waited there): the requests
+            # released here are that "once", so the pass is used up.
+            await self._store.consume_grant(f"once-{item_id}")
+            self._grants.remove(f"once-{item_id}")
 
     async def _resync_grants(self) -> None:
+        self._grants_seen = await self._store.grants_signature()
         self._grants.replace_persisted(await self._store.list_grants())
+
+    async def poll_grants(self) -> bool:
+        """Re-read the grants when the store's signature moved (another worker or replica
+        added, revoked or used one up); one small query when nothing changed."""
+        if await self._store.grants_signature() == self._grants_seen:
+            return False
+        await self._resync_grants()
+        return True
 
     async def reconcile(self, full: bool = True) -> None:
         """Catch up with the store: resolutions whose notification was lost, grant changes.

@@ -30,9 +30,9 @@ class GrantIndex:
         self._next_expiry: float | None = None
 
     def replace_persisted(self, grants: Iterable[Grant]) -> None:
-        """Swap in the store's grants (always and once); session grants stay as they are."""
-        kept = {k: g for k, g in self._grants.items() if g.scope is Scope.SESSION}
-        kept.update((g.id, g) for g in grants)
+        """Swap in the store's grants: it holds every scope, so every worker and replica
+        enforces the same grants, and a revocation anywhere is a revocation everywhere."""
+        kept = {g.id: g for g in grants}
         if kept != self._grants:
             self._grants = kept
             self._invalidate()

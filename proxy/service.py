@@ -54,6 +54,7 @@ from proxy.workers import REUSE_PORT_ENV
 log = structlog.get_logger("egress-warden")
 
 MAINTENANCE_INTERVAL = 1.0
+GRANTS_POLL = 0.25  # seconds: how soon another worker's grant or revocation is enforced here
 FULL_RECONCILE_EVERY = 10  # maintenance ticks between full passes over the shared queue
 DRAIN_POLL = 0.05  # seconds between checks for open connections while draining
 # Seconds between re-reads of the machine's interface addresses (an interface may come up after
@@ -332,6 +333,7 @@ class Service:
         self._control_task = asyncio.create_task(self.control.serve(sockets=[self.control_sock]))
         self.audit.start()
         self._tasks.append(asyncio.create_task(self._maintenance()))
+        self._tasks.append(asyncio.create_task(self._poll_grants()))
         watcher = FileWatcher(self.reloader.watched(), self.reloader.on_files_changed)
         self._tasks.append(asyncio.create_task(watcher.run()))
 
@@ -393,6 +395,16 @@ class Service:
             if self._ready and time.monotonic() - addresses_read >= LOCAL_ADDRESSES_EVERY:
                 addresses_read = time.monotonic()
                 await asyncio.to_thread(self._refresh_guard)
+
+    async def _poll_grants(self) -> None:
+        """Grants made, revoked or used up by another worker or replica reach this one within
+        GRANTS_POLL (one small query per poll when nothing changed)."""
+        while True:
+            await asyncio.sleep(GRANTS_POLL)
+            try:
+                await self.approvals.poll_grants()
+            except StoreError as exc:
+                log.warning("egress.store", error=str(exc))
 
     # -- dry runs ----------------------------------------------------------------------------
 

@@ -403,6 +403,11 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                     section.pending_ttl if "pending_ttl" in section_given else approval.pending_ttl
                 ),
                 scopes=frozenset(section.scopes) if "scopes" in section_given else approval.scopes,
+                session_idle=(
+                    section.session_idle
+                    if "session_idle" in section_given
+                    else approval.session_idle
+                ),
                 max_pending=(
                     section.max_pending if "max_pending" in section_given else approval.max_pending
                 ),

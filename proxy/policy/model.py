@@ -77,6 +77,7 @@ class ApprovalSettings:
     wait: float = 30.0  # seconds a request is held before answering 403 approval_pending
     pending_ttl: float = 3600.0  # seconds an unanswered pending item lives
     scopes: frozenset[Scope] = frozenset(Scope)
+    session_idle: float = 8 * 3600.0  # a session grant ends this long after it was made
     max_pending: int = 20  # new pending items beyond this per agent: 403 approval_limit
     max_pending_total: int = 1000  # ... and beyond this in all
 
@@ -229,6 +230,7 @@ class NetworkSection(_Section):
 class ApprovalSection(_Section):
     wait: Duration = 30.0
     pending_ttl: Duration = 3600.0
+    session_idle: Duration = 8 * 3600.0
     max_pending: Annotated[StrictInt, Field(ge=1, le=100_000)] = 20
     max_pending_total: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1000
     scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)

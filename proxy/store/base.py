@@ -57,6 +57,11 @@ class Store(Protocol):
         """Use up a (once) grant: delete it; True for exactly one of any concurrent callers."""
         ...
 
+    async def grants_signature(self) -> tuple[int, float, str]:
+        """A cheap fingerprint of the grants table: it changes whenever a grant is added,
+        revoked or used up, so replicas poll it instead of re-reading every grant."""
+        ...
+
     # pending items
     async def upsert_pending(self, item: PendingItem) -> None:
         """Insert a pending item or replace the one with the same id.

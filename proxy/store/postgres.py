@@ -33,13 +33,13 @@ from proxy.store.sqlite import (
     APPROVAL_INSERT_SQL,
     APPROVAL_LATEST_SQL,
     GRANT_UPSERT_SQL,
+    GRANTS_SIGNATURE_SQL,
     PENDING_CLAIM_SQL,
     PENDING_JOIN_SQL,
     PENDING_REKEY_SQL,
     PENDING_UPSERT_SQL,
     _approval_from,
     _approval_params,
-    _check_grant_scope,
     _decision_from,
     _decision_params,
     _decisions_query,
@@ -263,7 +263,6 @@ class PostgresStore:
 
     async def add_grant(self, grant: Grant) -> None:
         """Persist an `always` or `once` grant (replacing one with the same id)."""
-        _check_grant_scope(grant)
         await self._execute(_GRANT_UPSERT, *_grant_params(grant))
 
     async def list_grants(self, now: float | None = None) -> list[Grant]:
@@ -283,6 +282,11 @@ class PostgresStore:
     async def consume_grant(self, grant_id: str) -> bool:
         """Use up a grant: the row lock makes exactly one concurrent DELETE see it."""
         return await self.delete_grant(grant_id)
+
+    async def grants_signature(self) -> tuple[int, float, str]:
+        row = await self._fetchrow(GRANTS_SIGNATURE_SQL)
+        assert row is not None  # an aggregate always answers one row
+        return int(row[0]), float(row[1]), str(row[2])
 
     # --- pending items ------------------------------------------------------------------------
 

@@ -32,7 +32,12 @@ from proxy.store.migrations import (
 BUSY_TIMEOUT_MS = 5000
 PING_TIMEOUT = 2.0
 MIN_SQLITE = (3, 35, 0)  # INSERT ... ON CONFLICT ... RETURNING and DELETE ... RETURNING
-STORED_SCOPES = frozenset({Scope.ALWAYS, Scope.ONCE})
+# Count, summed creation times and the lowest and highest id: adding, revoking or using up a
+# grant moves at least one of them (ids are random, creation times differ).
+GRANTS_SIGNATURE_SQL = (
+    "SELECT count(*), coalesce(sum(created_at), 0), coalesce(min(id), '') || '/' || "
+    "coalesce(max(id), '') FROM grants"
+)
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # files SQLite keeps next to the database
 
 _GRANT_COLS = "id, pattern, action, scope, agent, created_by, note, created_at, expires_at, session"
@@ -161,13 +166,6 @@ def _rekey_params(p: PendingItem) -> tuple[Any, ...]:
 
 def _agent_key(agent: str | None) -> str:
     return agent or ""
-
-
-def _check_grant_scope(grant: Grant) -> None:
-    if grant.scope not in STORED_SCOPES:
-        raise ValueError(
-            f"only scope=always and scope=once grants are stored, got {grant.scope.value}"
-        )
 
 
 def _enum_value(value: Scope | GrantFor | None) -> str | None:
@@ -478,7 +476,6 @@ class SqliteStore:
 
     async def add_grant(self, grant: Grant) -> None:
         """Persist an `always` or `once` grant (replacing one with the same id)."""
-        _check_grant_scope(grant)
         async with self._write() as conn:
             await conn.execute(GRANT_UPSERT_SQL, _grant_params(grant))
 
@@ -499,6 +496,11 @@ class SqliteStore:
     async def consume_grant(self, grant_id: str) -> bool:
         """Use up a grant: True for exactly one caller (the write lock serialises processes)."""
         return await self._delete_by_id("grants", grant_id)
+
+    async def grants_signature(self) -> tuple[int, float, str]:
+        rows = await self._fetchall(GRANTS_SIGNATURE_SQL)
+        count, created, ids = rows[0]
+        return int(count), float(created), str(ids)
 
     # --- pending items ------------------------------------------------------------------------
 

@@ -108,14 +108,25 @@ async def test_grant_round_trip(store: Store) -> None:
     assert await store.list_grants(now=NOW + 10) == []
 
 
-async def test_once_grants_are_stored_session_grants_refused(store: Store) -> None:
+async def test_grants_of_every_scope_are_stored(store: Store) -> None:
+    # Workers and replicas share session grants and one-shot passes through the store.
     once = grant("pass-1", scope=Scope.ONCE, expires_at=NOW + 30)
     await store.add_grant(once)
     assert await store.list_grants(now=NOW) == [once]
     assert (await store.list_grants(now=NOW))[0].scope is Scope.ONCE
-    with pytest.raises(ValueError, match="session"):
-        await store.add_grant(grant("s", scope=Scope.SESSION))
-    assert [g.id for g in await store.list_grants(now=NOW)] == ["pass-1"]
+    await store.add_grant(grant("s", scope=Scope.SESSION))
+    assert [g.id for g in await store.list_grants(now=NOW)] == ["pass-1", "s"]
+
+
+async def test_grants_signature_moves_on_every_change(store: Store) -> None:
+    empty = await store.grants_signature()
+    await store.add_grant(grant("g1"))
+    one = await store.grants_signature()
+    await store.add_grant(grant("g2"))
+    two = await store.grants_signature()
+    await store.consume_grant("g1")
+    used = await store.grants_signature()
+    assert len({empty, one, two, used}) == 4
 
 
 async def test_consume_grant_has_one_winner(pair: tuple[Store, Store]) -> None:

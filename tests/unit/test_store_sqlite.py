@@ -118,12 +118,6 @@ async def test_grant_round_trip(store: SqliteStore) -> None:
     assert await store.list_grants(now=NOW) == [g2]
 
 
-async def test_only_always_grants_are_stored(store: SqliteStore) -> None:
-    with pytest.raises(ValueError, match="always"):
-        await store.add_grant(grant(scope=Scope.SESSION))
-    assert await store.list_grants() == []
-
-
 async def test_upsert_pending_replaces_the_item_holding_its_key(store: SqliteStore) -> None:
     # one pending item per (agent, host, port): a new id for an occupied key replaces the row
     await store.upsert_pending(pending("old"))
