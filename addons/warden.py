@@ -19,6 +19,7 @@ from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
 from proxy.policy.model import InspectRule
+from proxy.render import is_http_token
 from proxy.responses import render_refusal
 from proxy.telemetry import ConnectionCloseEvent
 from proxy.verdicts import Decision, Reason
@@ -340,12 +341,15 @@ class EgressWarden:
         request = flow.request
         caller = self.gate.identify(_identity(request))
         looped = self._looped(request)
+        token = is_http_token(request.method)
         strip_client_headers(request)
         invalid, detail = self._check_host_header(request)
         if looped:
             invalid, detail = Reason.PRIVATE_NETWORK, "the request came back through this proxy"
         if caller.failure:
             invalid, detail = Reason.AUTH_REQUIRED, caller.failure
+        if not token:
+            invalid, detail = Reason.INVALID_METHOD, "request method is not an HTTP token"
         is_ws = request.headers.get("upgrade", "").lower() == "websocket"
         facts = RequestFacts(
             request_id=_new_request_id(),
@@ -383,12 +387,15 @@ class EgressWarden:
         """A request inside an intercepted tunnel: the tunnel's host, this method and path."""
         request = flow.request
         strip_client_headers(request)
-        invalid, detail = None, ""
+        invalid: Reason | None = None
+        detail = ""
         header = request.host_header
         header_host, header_port = _parse_host_header(header, tunnel.port) if header else (None, 0)
         if header is not None and (header_host != tunnel.host or header_port != tunnel.port):
             invalid, detail = Reason.HOST_MISMATCH, "Host header does not match the tunnel"
-        if request.authority:
+        if not is_http_token(request.method):  # HTTP/2 checks :method for NUL/CR/LF only
+            invalid, detail = Reason.INVALID_METHOD, "request method is not an HTTP token"
+        elif request.authority:
             # An absolute-form target inside the tunnel must name the tunnel's own host.
             target, port = _parse_host_header(request.authority, tunnel.port)
             if target != tunnel.host or port != tunnel.port:

@@ -70,11 +70,17 @@ def render_refusal(
     decision: Decision, facts: RequestFacts, pending_id: str | None = None
 ) -> Refusal:
     """Render the 403 (or 502 for DNS failure) an agent gets for a refused request."""
-    status = {Reason.DNS_FAILURE: 502, Reason.AUTH_REQUIRED: 407}.get(decision.reason, 403)
+    status = {
+        Reason.DNS_FAILURE: 502,
+        Reason.AUTH_REQUIRED: 407,
+        Reason.INVALID_METHOD: 400,
+    }.get(decision.reason, 403)
     line = summary(decision, facts, pending_id)
-    prefix = {502: "Egress failed", 407: "Proxy authentication required"}.get(
-        status, "Blocked by egress policy"
-    )
+    prefix = {
+        502: "Egress failed",
+        407: "Proxy authentication required",
+        400: "Bad request",
+    }.get(status, "Blocked by egress policy")
     error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
     headers: list[tuple[str, str]] = [
         ("Content-Type", "text/plain; charset=utf-8"),
@@ -105,6 +111,11 @@ def render_refusal(
             "\nSend Proxy-Authorization: Basic with username AGENT (or AGENT/SESSION) and the\n"
             "agent's token as password, e.g. HTTPS_PROXY=http://AGENT:TOKEN@proxy:8080\n"
         )
-    elif decision.reason not in (Reason.DNS_FAILURE, Reason.INVALID_HOST, Reason.INVALID_REQUEST):
+    elif decision.reason not in (
+        Reason.DNS_FAILURE,
+        Reason.INVALID_HOST,
+        Reason.INVALID_REQUEST,
+        Reason.INVALID_METHOD,
+    ):
         body += "\n" + _HOW_TO_ASK
     return Refusal(status, _phrase_text(f"{prefix}: {line}"), tuple(headers), body)

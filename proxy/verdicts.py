@@ -17,6 +17,7 @@ class Reason(StrEnum):
 
     INVALID_HOST = "invalid_host"
     INVALID_REQUEST = "invalid_request"
+    INVALID_METHOD = "invalid_method"  # not an HTTP token: answered 400
     HOST_MISMATCH = "host_mismatch"
     DENY_RULE = "deny_rule"
     PORT = "port"

@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 import proxy
+from proxy.render import storable_text
 from proxy.telemetry.events import (
     ApprovalEvent,
     Attributes,
@@ -143,7 +144,11 @@ AttributeValue = _Scalar | tuple[str, ...] | tuple[bool, ...] | tuple[int, ...] 
 
 
 def _attribute_value(value: Any) -> AttributeValue:
-    """OTel attributes take scalars or homogeneous sequences; anything else becomes a string."""
+    """OTel attributes take scalars or homogeneous sequences; anything else becomes a string.
+    Text an agent sent may hold bytes that are not UTF-8: escaped, or protobuf would refuse the
+    whole export batch."""
+    if isinstance(value, str):
+        return storable_text(value, None)
     if isinstance(value, _Scalar):
         return value
     if isinstance(value, list | tuple) and value:
