@@ -306,7 +306,7 @@ class EgressWarden:
         self._close_tunnel(self._tunnels.pop(flow.client_conn.id, None))
         self._tunnels[flow.client_conn.id] = tunnel
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    async def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # An admitted raw CONNECT: read the ClientHello's server name without intercepting,
         # then relay untouched, or close both ends if it names another host.
         if nextlayer.layer is not None:
@@ -320,11 +320,11 @@ class EgressWarden:
             try:
                 parsed = parse_client_hello(hello)
             except ValueError:
-                admission = self.gate.admit_tls_hello(tunnel.facts, None, malformed=True)
+                admission = await self.gate.admit_tls_hello(tunnel.facts, None, malformed=True)
             else:
                 if parsed is None:
                     return  # the ClientHello is not complete yet: ask again on more data
-                admission = self.gate.admit_tls_hello(tunnel.facts, parsed.sni)
+                admission = await self.gate.admit_tls_hello(tunnel.facts, parsed.sni)
             if not admission.allowed:
                 nextlayer.layer = RefusedTunnel(context)
                 self._tunnels.pop(context.client.id, None)
@@ -336,7 +336,7 @@ class EgressWarden:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         tunnel = self._tunnel_of(flow.client_conn, flow.server_conn)
         if tunnel is not None and tunnel.inspect is not None:
-            self._inspect(flow, tunnel.facts)
+            await self._inspect(flow, tunnel.facts)
             return
         request = flow.request
         caller = self.gate.identify(_identity(request))
@@ -383,7 +383,7 @@ class EgressWarden:
         else:
             self._pin(flow.client_conn, (request.host, request.port), admission, request.port)
 
-    def _inspect(self, flow: http.HTTPFlow, tunnel: RequestFacts) -> None:
+    async def _inspect(self, flow: http.HTTPFlow, tunnel: RequestFacts) -> None:
         """A request inside an intercepted tunnel: the tunnel's host, this method and path."""
         request = flow.request
         strip_client_headers(request)
@@ -410,7 +410,7 @@ class EgressWarden:
             invalid_detail=detail,
             traceparent=request.headers.get("traceparent") or tunnel.traceparent,
         )
-        admission = self.gate.admit_inspected(facts)
+        admission = await self.gate.admit_inspected(facts)
         if not admission.allowed:
             _refuse(flow, admission, facts)
             return

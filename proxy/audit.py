@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -22,6 +24,8 @@ from proxy.telemetry.events import Attributes
 
 log = structlog.get_logger("egress-warden")
 
+DEFAULT_MAX_AGE = 30 * 86400.0  # seconds a decision row is kept
+DEFAULT_PER_AGENT = 100_000  # rows kept per agent (anonymous callers count as one agent)
 BATCH = 500
 FLUSH_INTERVAL = 0.05
 QUEUE_LIMIT = 100_000
@@ -73,9 +77,17 @@ def _ascii_record(record: DecisionRecord) -> DecisionRecord:
 class AuditWriter:
     """Batches decision rows into the store off the request path; bounded, drops are counted."""
 
-    def __init__(self, store: Store, retention: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_age: float = DEFAULT_MAX_AGE,
+        per_agent: int = DEFAULT_PER_AGENT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
-        self._retention = retention
+        self._max_age = max_age
+        self._per_agent = per_agent
+        self._clock = clock
         self._buffer: list[DecisionRecord] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -118,12 +130,32 @@ class AuditWriter:
             batch, self._buffer = self._buffer[:BATCH], self._buffer[BATCH:]
             await self._write(batch)
             self._written_since_prune += len(batch)
-        if self._written_since_prune >= max(1000, self._retention // 10):
+        if self._written_since_prune >= max(1000, self._per_agent // 10):
             self._written_since_prune = 0
-            try:
-                await self._store.prune_decisions(self._retention)
-            except Exception as exc:
-                raise StoreError(f"cannot prune the decision audit: {exc}") from exc
+            await self.prune()
+
+    async def prune(self) -> dict[str | None, int]:
+        """Retention by age, then per agent: an agent flooding its own rows prunes only its
+        own, and that raises an `egress.audit.pruned` event naming it."""
+        try:
+            await self._store.prune_decisions_before(self._clock() - self._max_age)
+            pruned = await self._store.prune_decisions_per_agent(self._per_agent)
+        except Exception as exc:
+            raise StoreError(f"cannot prune the decision audit: {exc}") from exc
+        for agent, rows in pruned.items():
+            log.warning(
+                "egress.audit.pruned",
+                **{"egress.agent.id": agent, "rows": rows, "kept": self._per_agent},
+            )
+        return pruned
+
+    async def commit(self) -> None:
+        """Write what is buffered now (a refusal's row before the refusal is sent). A store
+        that does not answer keeps the rows buffered; the refusal goes out regardless."""
+        try:
+            await self.flush()
+        except StoreError as exc:
+            log.warning("egress.audit", error=str(exc), buffered=len(self._buffer))
 
     async def _write(self, batch: list[DecisionRecord]) -> None:
         """Write `batch` in order. When the store refuses it but answers a ping, some row is at

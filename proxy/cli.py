@@ -115,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             agents_file=Path(args.agents) if args.agents else None,
             resolve=resolve,
             store=args.store,
-            audit_retention=args.audit_retention,
+            audit_max_age=parse_duration(args.audit_retention),
+            audit_per_agent=args.audit_per_agent,
             upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,
             nameservers=tuple(parse_nameserver_option(n) for n in args.nameserver),
             drain=parse_duration(args.drain),
@@ -243,10 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--audit-retention",
+        default="30d",
+        metavar="DURATION",
+        help="how long decision audit rows are kept (default 30d)",
+    )
+    run.add_argument(
+        "--audit-per-agent",
         type=int,
         default=100_000,
         metavar="N",
-        help="decision audit rows kept in the store (default 100000)",
+        help="decision audit rows kept per agent; anonymous callers count as one (default 100000)",
     )
     run.set_defaults(func=cmd_run)
 

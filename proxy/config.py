@@ -37,7 +37,8 @@ class RunConfig:
     agents_file: Path | None = None
     resolve: dict[str, IPAddress] = field(default_factory=dict)
     store: str | None = None  # default: sqlite:///<state_dir>/warden.db
-    audit_retention: int = 100_000  # decision rows kept in the store
+    audit_max_age: float = 30 * 86400.0  # seconds a decision row is kept
+    audit_per_agent: int = 100_000  # decision rows kept per agent
     upstream_ca: Path | None = None  # extra CA bundle to verify upstreams of inspected hosts
     stream_large_bodies: str = "1m"
     nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver

@@ -9,7 +9,7 @@ address after approval, and emits exactly one decision event per verdict.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from proxy.approvals import POLICY_APPROVER, ApprovalQueue, Outcome
@@ -76,6 +76,7 @@ class Gate:
         telemetry: Telemetry,
         grants: GrantIndex | None = None,
         approvals: ApprovalQueue | None = None,
+        commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._generation = 0
@@ -83,6 +84,9 @@ class Gate:
         self.telemetry = telemetry
         self.grants = grants or GrantIndex()
         self.approvals = approvals
+        # Writes the audit rows emitted so far: awaited before any refusal is answered, so a
+        # `kill -9` right after a refusal cannot lose its row (allowed rows stay batched).
+        self._commit = commit
 
     @property
     def snapshot(self) -> Snapshot:
@@ -141,19 +145,34 @@ class Gate:
 
     # -- live requests -----------------------------------------------------------------------
 
+    async def _refused(self, facts: RequestFacts, admission: Admission) -> Admission:
+        """Emit a refusal and commit its audit row before the edge answers it."""
+        self._emit(facts, admission)
+        if self._commit is not None:
+            await self._commit()
+        return admission
+
     async def admit(
         self, facts: RequestFacts, client_gone: Callable[[], bool] | None = None
     ) -> Admission:
         """Decide `facts`, holding a miss under `ask`; emits one decision event per verdict."""
+        admission = await self._admit(facts, client_gone)
+        if admission.allowed:
+            return self._emit(facts, admission)
+        return await self._refused(facts, admission)
+
+    async def _admit(
+        self, facts: RequestFacts, client_gone: Callable[[], bool] | None
+    ) -> Admission:
         first = self._first_pass(facts)
         if first.verdict is Verdict.DENY or facts.host is None:
-            return self._emit(facts, Admission(first))
+            return Admission(first)
         if first.verdict is Verdict.HOLD:
-            return self._emit(facts, await self._hold(facts, first, client_gone))
+            return await self._hold(facts, first, client_gone)
         admission = await self._dial_check(facts, None)
         if admission.decision.verdict is Verdict.HOLD:
-            return self._emit(facts, await self._hold(facts, admission.decision, client_gone))
-        return self._emit(facts, admission)
+            return await self._hold(facts, admission.decision, client_gone)
+        return admission
 
     async def _hold(
         self, facts: RequestFacts, held: Decision, client_gone: Callable[[], bool] | None
@@ -205,7 +224,7 @@ class Gate:
         # Approved: only now is the name resolved, and the address still checked.
         return replace(await self._dial_check(facts, decision), pending_id=pending_id)
 
-    def admit_inspected(self, facts: RequestFacts) -> Admission:
+    async def admit_inspected(self, facts: RequestFacts) -> Admission:
         """A request inside an intercepted tunnel (facts carry its method and path; `invalid`
         when the edge saw a Host or target that does not name the tunnel's host)."""
         snap = self.snapshot
@@ -221,9 +240,11 @@ class Gate:
                 decision = apply_mode(
                     decide_inspected(rule, facts.method, facts.path or "/"), snap.policy
                 )
-        return self._emit(facts, Admission(decision))
+        if decision.allowed:
+            return self._emit(facts, Admission(decision))
+        return await self._refused(facts, Admission(decision))
 
-    def admit_tls_hello(
+    async def admit_tls_hello(
         self, facts: RequestFacts, sni: str | None, *, malformed: bool = False
     ) -> Admission:
         """The ClientHello of an admitted raw tunnel: its SNI must name the CONNECT target
@@ -231,7 +252,7 @@ class Gate:
         Emits only a refusal."""
         if malformed:
             decision = _deny(Reason.INVALID_REQUEST, "malformed TLS ClientHello in the tunnel")
-            return self._emit(facts, Admission(decision))
+            return await self._refused(facts, Admission(decision))
         if sni is None or facts.host is None or facts.host.ip is not None:
             return Admission(Decision(Verdict.ALLOW, Reason.ALLOW_RULE, detail="sni checked"))
         try:
@@ -243,7 +264,7 @@ class Gate:
         decision = _deny(
             Reason.HOST_MISMATCH, f"TLS server name {sni!r} does not match the CONNECT target"
         )
-        return self._emit(facts, Admission(decision))
+        return await self._refused(facts, Admission(decision))
 
     # -- open tunnels -------------------------------------------------------------------------
 

@@ -283,7 +283,7 @@ class Service:
             raise StartupError(str(exc)) from exc
 
         self.bus = EventBus()
-        self.audit = AuditWriter(self.store, cfg.audit_retention)
+        self.audit = AuditWriter(self.store, cfg.audit_max_age, cfg.audit_per_agent)
         sinks: list[Sink] = [StructlogSink(), AuditSink(self.audit, self.bus)]
         if self.otel is not None:
             sinks.append(self.otel)
@@ -297,6 +297,7 @@ class Service:
             self.telemetry,
             self.grants,
             self.approvals,
+            self.audit.commit,
         )
         self.reloader = PolicyReloader(cfg, self.gate, self.telemetry)
         warnings = list(self._initial_warnings)

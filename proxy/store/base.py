@@ -133,6 +133,15 @@ class Store(Protocol):
         """Keep the newest `keep` decision rows; return how many were deleted."""
         ...
 
+    async def prune_decisions_before(self, cutoff: float) -> int:
+        """Delete decision rows recorded before `cutoff` (unix seconds); return how many."""
+        ...
+
+    async def prune_decisions_per_agent(self, keep: int) -> dict[str | None, int]:
+        """Keep the newest `keep` rows of each agent (None: anonymous callers); return the rows
+        deleted per agent that had more. One agent's flood never erases another's rows."""
+        ...
+
     # fleet signalling
     async def notify(self, channel: str, payload: str) -> None:
         """Signal every replica sharing the store (PostgreSQL NOTIFY; a no-op for SQLite)."""

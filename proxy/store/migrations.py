@@ -138,6 +138,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE UNIQUE INDEX pending_key ON pending (agent_key, host, port)",
         ),
     ),
+    Migration(
+        version=3,
+        description="decision audit kept per agent: index by (agent, seq)",
+        statements=("CREATE INDEX decisions_agent_seq ON decisions (agent, seq)",),
+    ),
 )
 
 LATEST_VERSION: int = MIGRATIONS[-1].version

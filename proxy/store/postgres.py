@@ -391,6 +391,27 @@ class PostgresStore:
         )
         return _deleted(status)
 
+    async def prune_decisions_before(self, cutoff: float) -> int:
+        return _deleted(await self._execute("DELETE FROM decisions WHERE at < $1", cutoff))
+
+    async def prune_decisions_per_agent(self, keep: int) -> dict[str | None, int]:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        over = await self._fetch(
+            "SELECT agent FROM decisions GROUP BY agent HAVING count(*) > $1", keep
+        )
+        pruned: dict[str | None, int] = {}
+        for (agent,) in over:
+            status = await self._execute(
+                "DELETE FROM decisions WHERE agent IS NOT DISTINCT FROM $1 AND seq < (SELECT seq "
+                "FROM decisions WHERE agent IS NOT DISTINCT FROM $1 ORDER BY seq DESC "
+                "LIMIT 1 OFFSET $2)",
+                agent,
+                keep - 1,
+            )
+            pruned[agent] = _deleted(status)
+        return pruned
+
     # --- fleet signalling ---------------------------------------------------------------------
 
     async def notify(self, channel: str, payload: str) -> None:

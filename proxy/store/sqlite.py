@@ -627,6 +627,32 @@ class SqliteStore:
             async with conn.execute(sql, params) as cur:
                 return max(cur.rowcount, 0)
 
+    async def prune_decisions_before(self, cutoff: float) -> int:
+        async with (
+            self._write() as conn,
+            conn.execute("DELETE FROM decisions WHERE at < ?", (cutoff,)) as cur,
+        ):
+            return max(cur.rowcount, 0)
+
+    async def prune_decisions_per_agent(self, keep: int) -> dict[str | None, int]:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        over = await self._fetchall(
+            "SELECT agent FROM decisions GROUP BY agent HAVING count(*) > ?", (keep,)
+        )
+        pruned: dict[str | None, int] = {}
+        for (agent,) in over:
+            async with (
+                self._write() as conn,
+                conn.execute(
+                    "DELETE FROM decisions WHERE agent IS ? AND seq < (SELECT seq FROM decisions "
+                    "WHERE agent IS ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                    (agent, agent, keep - 1),
+                ) as cur,
+            ):
+                pruned[agent] = max(cur.rowcount, 0)
+        return pruned
+
     # --- fleet signalling ---------------------------------------------------------------------
 
     async def notify(self, channel: str, payload: str) -> None:

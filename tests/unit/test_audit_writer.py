@@ -86,7 +86,7 @@ async def test_a_latin1_postgres_database_gets_the_ascii_form_of_a_row(
     )
     pg = await PostgresStore.open(pg_server.dsn_for(name))
     try:
-        writer = AuditWriter(pg, retention=1000)
+        writer = AuditWriter(pg, per_agent=1000)
         wide = dataclasses.replace(decision(2), host="日本.test", path="/é")
         for record in (decision(1), wide, decision(3)):
             writer.add(record)
@@ -143,7 +143,7 @@ async def test_a_refused_row_is_dropped_after_bounded_tries_and_later_rows_land(
     sqlite: SqliteStore,
 ) -> None:
     refusing = RefusingStore(sqlite, poisoned={"r7"})
-    writer = AuditWriter(refusing, retention=100_000)  # type: ignore[arg-type]
+    writer = AuditWriter(refusing, per_agent=100_000)  # type: ignore[arg-type]
     for i in range(20):
         writer.add(decision(i))
     with capture_logs() as logs:
@@ -168,7 +168,7 @@ async def test_a_full_batch_with_poison_at_both_ends_keeps_order_and_bounds(
 ) -> None:
     count = BATCH + 30
     refusing = RefusingStore(sqlite, poisoned={"r0", f"r{BATCH - 1}", f"r{count - 1}"})
-    writer = AuditWriter(refusing, retention=100_000)  # type: ignore[arg-type]
+    writer = AuditWriter(refusing, per_agent=100_000)  # type: ignore[arg-type]
     for i in range(count):
         writer.add(decision(i))
     with capture_logs() as logs:
@@ -184,7 +184,7 @@ async def test_a_store_that_does_not_answer_keeps_the_rows_for_later(
     sqlite: SqliteStore,
 ) -> None:
     refusing = RefusingStore(sqlite, poisoned=set())
-    writer = AuditWriter(refusing, retention=100_000)  # type: ignore[arg-type]
+    writer = AuditWriter(refusing, per_agent=100_000)  # type: ignore[arg-type]
     refusing.down = True
     for i in range(5):
         writer.add(decision(i))
@@ -201,7 +201,7 @@ async def test_a_store_that_does_not_answer_keeps_the_rows_for_later(
 async def test_the_real_bug_an_undecodable_method_does_not_stop_the_audit(
     sqlite: SqliteStore,
 ) -> None:
-    writer = AuditWriter(sqlite, retention=100_000)
+    writer = AuditWriter(sqlite, per_agent=100_000)
     writer.add(dataclasses.replace(decision(1), method="G\udcffT"))
     writer.add(decision(2))
     await writer.flush()

@@ -7,6 +7,7 @@ worker processes or two replicas would have: atomic joins, single-winner claims 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -314,6 +315,25 @@ async def test_decisions_filters_and_prune(store: Store) -> None:
     assert await store.prune_decisions(keep=0) == 3
     with pytest.raises(ValueError):
         await store.prune_decisions(keep=-1)
+
+
+async def test_decisions_pruned_by_age_and_per_agent(store: Store) -> None:
+    rows = [
+        dataclasses.replace(decision(i), agent=agent)
+        for i, agent in enumerate(["flood"] * 6 + ["quiet"] * 2 + [None] * 3)
+    ]
+    await store.record_decisions(rows)
+    # The flooding agent's oldest rows go; the others keep all of theirs.
+    assert await store.prune_decisions_per_agent(keep=3) == {"flood": 3}
+    kept = {r.request_id for r in await store.list_decisions(limit=100)}
+    assert kept == {r.request_id for r in rows[3:]}
+    assert await store.prune_decisions_per_agent(keep=3) == {}
+    assert await store.prune_decisions_per_agent(keep=2) == {"flood": 1, None: 1}
+    # By age: everything recorded before the cutoff.
+    assert await store.prune_decisions_before(NOW + 7) == 3
+    assert {r.request_id for r in await store.list_decisions(limit=100)} == {"r7", "r9", "r10"}
+    with pytest.raises(ValueError):
+        await store.prune_decisions_per_agent(keep=0)
 
 
 async def test_closed_store_raises(open_backend: Opener) -> None:
