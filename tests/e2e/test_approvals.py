@@ -225,9 +225,7 @@ def test_once_does_not_allow_the_next_request(
     assert again.headers["x-egress-warden-reason"] == "approval_pending"
 
 
-def test_session_and_always_grants_survive_kill_9(
-    upstreams: Upstreams, tmp_path: Path
-) -> None:
+def test_session_and_always_grants_survive_kill_9(upstreams: Upstreams, tmp_path: Path) -> None:
     state = tmp_path / "state"
     proxy = _start(upstreams, tmp_path, "1s", state)
     session_url = f"http://{HELD_NAMES[5]}:{upstreams.http.port}/s"
