@@ -424,3 +424,16 @@ def test_open_file_soft_limit_is_raised_at_start(
     assert soft == hard, limits
     listening = next(line for line in proxy.lines if line.get("event") == "egress.listening")
     assert str(listening["open_files"]) == soft
+
+
+# -- 5. claimed identities: per-agent rules need an agents registry ---------------------------
+
+
+def test_per_agent_rules_without_an_agents_file_refuse_to_start(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: deny\nagents: {trusted-bot: {default: allow}}\n")
+    with pytest.raises(RuntimeError) as failed:
+        start_proxy(tmp_path / "state", [policy], env=TOKEN_ENV, timeout=20)
+    message = str(failed.value)
+    assert "exited with 1" in message, message
+    assert "trusted-bot" in message and "agents" in message, message
