@@ -186,3 +186,92 @@ class NetGuard:
         if (self._exact or self._wildcard_ports) and self._is_self(_unmap(ip), port):
             return AddressClass.SELF
         return classify(ip)
+
+
+# -- networks: does a rule's CIDR reach anything the guard blocks? ---------------------------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Non-public IPv6 ranges that carry no IPv4 address (start, end), as `_classify_v6` sees them.
+_V6_PLAIN_RANGES: tuple[tuple[int, int], ...] = tuple(
+    (int(n.network_address), int(n.broadcast_address))
+    for n in map(
+        ipaddress.IPv6Network,
+        ("::/128", "::1/128", "100::/64", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"),
+    )
+)
+
+# IPv6 ranges that carry an IPv4 address: (start, end, bit shift of the IPv4 field, inverted).
+_V6_IPV4_FIELDS: tuple[tuple[int, int, int, bool], ...] = tuple(
+    (int(n.network_address), int(n.broadcast_address), shift, inverted)
+    for n, shift, inverted in (
+        (ipaddress.IPv6Network("::/96"), 0, False),  # IPv4-compatible
+        (ipaddress.IPv6Network("::ffff:0:0/96"), 0, False),  # mapped
+        (ipaddress.IPv6Network("::ffff:0:0:0/96"), 0, False),  # SIIT
+        (ipaddress.IPv6Network("64:ff9b::/96"), 0, False),  # NAT64
+        (ipaddress.IPv6Network("64:ff9b:1::/48"), 0, False),  # NAT64, local use
+        (ipaddress.IPv6Network("2002::/16"), 80, False),  # 6to4
+        (ipaddress.IPv6Network("2001::/32"), 0, True),  # Teredo client (stored inverted)
+        (ipaddress.IPv6Network("2001::/32"), 64, False),  # Teredo server
+    )
+)
+
+
+def _v6_ipv4_fields(
+    network: ipaddress.IPv6Network,
+) -> list[tuple[int, int, bool, ipaddress.IPv4Network]]:
+    """For each IPv4-carrying range `network` overlaps: (start of the overlap, shift of the
+    IPv4 field, inverted, the IPv4 network the field spans there). Two CIDR blocks overlap
+    only by nesting, and a field of a CIDR block spans one IPv4 CIDR block."""
+    lo, hi = int(network.network_address), int(network.broadcast_address)
+    found = []
+    for start, end, shift, inverted in _V6_IPV4_FIELDS:
+        if hi < start or end < lo:
+            continue
+        block_start, block_end = max(lo, start), min(hi, end)  # the smaller of the two
+        host_bits = (block_end - block_start + 1).bit_length() - 1
+        free = min(max(host_bits - shift, 0), 32)  # field bits the block leaves open
+        field = (block_start >> shift) & _MASK32
+        if inverted:
+            field = ~(field | ((1 << free) - 1)) & _MASK32
+        found.append((block_start, shift, inverted, ipaddress.IPv4Network((field, 32 - free))))
+    return found
+
+
+def embedded_ipv4_networks(network: ipaddress.IPv6Network) -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks the addresses of `network` carry inside (mapped, compatible, SIIT,
+    NAT64, 6to4, Teredo client and server): what a translator or tunnel would deliver to."""
+    return [inner for _, _, _, inner in _v6_ipv4_fields(network)]
+
+
+def _first_blocked_v4(lo: int, hi: int) -> int | None:
+    for start, end in zip(_V4_STARTS, _V4_ENDS, strict=True):
+        if start <= hi and lo <= end:
+            return max(lo, start)
+    return None
+
+
+def private_witness(network: IPNetwork) -> IPAddress | None:
+    """An address in `network` that `classify` does not call PUBLIC, or None if there is none."""
+    lo, hi = int(network.network_address), int(network.broadcast_address)
+    if isinstance(network, ipaddress.IPv4Network):
+        found = _first_blocked_v4(lo, hi)
+        return None if found is None else ipaddress.IPv4Address(found)
+    for start, end in _V6_PLAIN_RANGES:
+        if start <= hi and lo <= end:
+            return ipaddress.IPv6Address(max(lo, start))
+    for block_start, shift, inverted, carried in _v6_ipv4_fields(network):
+        inner = _first_blocked_v4(int(carried.network_address), int(carried.broadcast_address))
+        if inner is None:
+            continue
+        value = ~inner & _MASK32 if inverted else inner
+        # Same bits as the block's start, with the IPv4 field set to the blocked address.
+        return ipaddress.IPv6Address((block_start & ~(_MASK32 << shift)) | (value << shift))
+    return None
+
+
+def private_overlap(network: IPNetwork) -> AddressClass | None:
+    """The class of a non-public address inside `network` (IPv6 forms that embed an IPv4 count
+    by that IPv4), or None when every address in it is PUBLIC."""
+    witness = private_witness(network)
+    return None if witness is None else classify(witness)

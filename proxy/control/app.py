@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
 import time
@@ -20,8 +19,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy import __version__
 from proxy.approvals import ApprovalError, ApprovalQueue, Outcome
 from proxy.audit import AuditWriter, record_json
+from proxy.control.access import (
+    AccessDenied,
+    BootstrapToken,
+    Caller,
+    Role,
+    TokenVerifier,
+    authenticate,
+)
+from proxy.control.guard import ControlGuard, caller_of
 from proxy.eventbus import EventBus
 from proxy.facts import BadURL
+from proxy.grant_rules import allow_grant_too_broad, guarded_class
 from proxy.grants import GrantIndex
 from proxy.policy.match import parse_pattern
 from proxy.policy.model import Action, EffectivePolicy, Scope
@@ -62,6 +71,8 @@ class ControlContext:
     reload: Callable[[], Awaitable[ReloadResult]]
     check: Callable[[str, str, str | None], Awaitable[Decision]]  # the live path's dry run
     rules_changed: Callable[[], Awaitable[int]]  # answers held requests the new rules decide
+    # Who a bearer token is; None: only `token` is known, as role admin (the bootstrap token).
+    verify: TokenVerifier | None = None
 
 
 # -- request bodies -------------------------------------------------------------------------
@@ -85,6 +96,9 @@ class GrantBody(_Body):
     agent: str | None = Field(None, max_length=128)
     note: str = Field("", max_length=2000)
     expires_at: float | None = Field(None, ge=0, le=1e11)
+    # An allow grant whose IP/CIDR covers a loopback, private, link-local (metadata) or other
+    # guarded address lifts the network guard there: it must say so, and needs the admin role.
+    private: bool = False
 
 
 class CheckBody(_Body):
@@ -168,19 +182,26 @@ _STATUS_CODES = {
 }
 
 
-async def require_token(request: Request) -> str:
-    """Bearer token check (constant time); returns the approver name recorded on decisions."""
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
-    if not hmac.compare_digest(value.strip().encode(), request.app.state.token):
-        raise ApiError(403, "forbidden", "invalid token")
-    approver = request.headers.get("x-egress-warden-approver", "").strip()
-    return approver[:64] if approver.isprintable() and approver else "admin"
+async def require_token(request: Request) -> Caller:
+    """The authenticated caller (name recorded on decisions, role). `ControlGuard` has checked
+    the token before the body was read; this is the second lock, should a route ever be
+    reached without the guard."""
+    caller = caller_of(request.scope)
+    if caller is not None:
+        return caller
+    try:
+        return authenticate(request.headers.raw, request.app.state.verify_token)
+    except AccessDenied as denied:
+        raise ApiError(denied.status, denied.code, denied.detail) from None
 
 
-Approver = Annotated[str, Depends(require_token)]
+Approver = Annotated[Caller, Depends(require_token)]
+
+
+def require_role(caller: Caller, role: Role, action: str) -> None:
+    """Raise 403 `<role>_role_required` unless `caller` holds `role`."""
+    if not caller.role.allows(role):
+        raise ApiError(403, f"{role.value}_role_required", f"{action} needs the {role.value} role")
 
 
 def create_app(ctx: ControlContext) -> FastAPI:
@@ -223,7 +244,10 @@ def create_app(ctx: ControlContext) -> FastAPI:
             500, "internal_error", "the control API hit an internal error; see the proxy log"
         )
 
-    app.state.token = ctx.token.encode()
+    verify_token = ctx.verify or BootstrapToken(ctx.token)
+    app.state.verify_token = verify_token
+    # Outside routing and body parsing: the token is checked before a body byte is read.
+    app.add_middleware(ControlGuard, verify=verify_token)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
@@ -238,7 +262,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
         return [ctx.approvals.describe(item) for item, _ in await ctx.approvals.listing()]
 
     async def _resolve(
-        item_id: str, body: DecisionBody, outcome: Outcome, approver: str
+        item_id: str, body: DecisionBody, outcome: Outcome, approver: Caller
     ) -> dict[str, Any]:
         result = await ctx.approvals.resolve(
             item_id,
@@ -246,7 +270,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
             scope=body.scope,
             grant_for=body.grant_for,
             note=body.note,
-            approver=approver,
+            approver=approver.name,
             allowed_scopes=ctx.policy().approval.scopes,
         )
         return {
@@ -276,10 +300,23 @@ def create_app(ctx: ControlContext) -> FastAPI:
 
     @v1.post("/grants", tags=["grants"], status_code=201)
     async def create_grant(body: GrantBody, approver: Approver) -> dict[str, Any]:
+        too_broad = allow_grant_too_broad(body.pattern) if body.action is Action.ALLOW else None
+        if too_broad is not None:
+            raise ApiError(422, "grant_too_broad", f"{too_broad}: allow grants must be narrower")
         try:
             parse_pattern(body.pattern)
         except ValueError as exc:
             raise ApiError(422, "invalid_pattern", str(exc)) from exc
+        guarded = guarded_class(body.pattern) if body.action is Action.ALLOW else None
+        if guarded is not None:
+            if not body.private:
+                raise ApiError(
+                    422,
+                    "private_grant_needs_flag",
+                    f"{body.pattern!r} covers {guarded.value.replace('_', '-')} addresses, which"
+                    ' the network guard blocks; to open them send "private": true (admin role)',
+                )
+            require_role(approver, Role.ADMIN, "an allow grant covering guarded addresses")
         if body.expires_at is not None and body.expires_at <= time.time():
             raise ApiError(422, "invalid_request", "expires_at is in the past")
         grant = Grant(
@@ -288,7 +325,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
             action=body.action,
             scope=body.scope,
             agent=body.agent,
-            created_by=approver,
+            created_by=approver.name,
             note=body.note,
             created_at=time.time(),
             expires_at=body.expires_at,
