@@ -31,6 +31,7 @@ from proxy.audit import AuditSink, AuditWriter
 from proxy.auth import Authenticator, check_identity_config
 from proxy.config import Endpoint, RunConfig
 from proxy.control.app import ControlContext, ReloadResult, create_app
+from proxy.control.listener import control_server_options
 from proxy.control.token import load_or_create_token
 from proxy.eventbus import EventBus
 from proxy.facts import RequestFacts, facts_from_url
@@ -328,7 +329,11 @@ class Service:
             rules_changed=self.gate.reevaluate_pending,
         )
         control_cfg = uvicorn.Config(
-            create_app(ctx), log_config=None, access_log=False, lifespan="off"
+            create_app(ctx),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            **control_server_options(),  # per-client cap, head deadline, bounded heads
         )
         self.control = _ControlServer(control_cfg)
         self._control_task = asyncio.create_task(self.control.serve(sockets=[self.control_sock]))

@@ -272,6 +272,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
             note=body.note,
             approver=approver.name,
             allowed_scopes=ctx.policy().approval.scopes,
+            session_ttl=ctx.policy().approval.session_idle,
         )
         return {
             "id": result.item.id,
@@ -328,7 +329,9 @@ def create_app(ctx: ControlContext) -> FastAPI:
             created_by=approver.name,
             note=body.note,
             created_at=time.time(),
-            expires_at=body.expires_at,
+            expires_at=body.expires_at
+            if body.expires_at is not None or body.scope is not Scope.SESSION
+            else time.time() + ctx.policy().approval.session_idle,
         )
         await ctx.approvals.add_grant(grant)
         await ctx.rules_changed()

@@ -347,7 +347,9 @@ def test_control_api_requires_the_token(held_proxy: ProxyProcess) -> None:
         assert wrong.status_code == 403 and wrong.json()["error"] == "forbidden"
         query = client.get("/v1/pending", params={"token": TOKEN, "access_token": TOKEN})
         assert query.status_code == 401
-        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/openapi.json").status_code == 401  # only /healthz is open
+        authorized = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/openapi.json", headers=authorized).status_code == 200
         bad = client.post(
             "/v1/pending/x/approve",
             json={"scope": "forever"},

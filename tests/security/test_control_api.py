@@ -367,15 +367,7 @@ def test_two_authorization_headers_are_refused(warden: ProxyProcess) -> None:
 
 # -- the listener: connections per client, head deadline ------------------------------------
 
-# proxy/service.py builds the control listener's uvicorn.Config; until it passes
-# proxy.control.listener.control_server_options() these two fail. Remove the marker with it.
-LISTENER_WIRED = pytest.mark.xfail(
-    strict=True,
-    reason="proxy/service.py does not pass control_server_options() to uvicorn.Config yet",
-)
 
-
-@LISTENER_WIRED
 def test_one_client_may_hold_only_so_many_control_connections(warden: ProxyProcess) -> None:
     held = [
         socket.create_connection(("127.0.0.1", warden.control_port), timeout=10)
@@ -394,7 +386,6 @@ def test_one_client_may_hold_only_so_many_control_connections(warden: ProxyProce
         assert client.get("/v1/grants").status_code == 200
 
 
-@LISTENER_WIRED
 def test_a_control_request_head_trickled_in_is_cut(warden: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", warden.control_port), timeout=10) as sock:
         started = time.monotonic()
