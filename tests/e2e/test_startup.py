@@ -22,7 +22,7 @@ def test_bad_policy_refuses_to_start_and_nothing_listens(tmp_path: Path) -> None
         [
             sys.executable,
             "-m",
-            "proxy.cli",
+            "addons.cli",
             "run",
             "--policy",
             str(policy),
@@ -53,7 +53,7 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "proxy.cli",
+                "addons.cli",
                 "run",
                 "--policy",
                 str(REPO / "policies/default.yaml"),
@@ -94,7 +94,17 @@ def test_check_exit_codes(tmp_path: Path) -> None:
 
     def check(url: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "check", url, "--policy", str(policy)],
+            # No DNS here: --no-resolve (the check says it skipped the network step).
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "check",
+                url,
+                "--policy",
+                str(policy),
+                "--no-resolve",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,
