@@ -29,6 +29,8 @@ from proxy.policy.model import (
     Mode,
     PolicyDocument,
     PolicyFile,
+    RefusalSection,
+    RefusalSettings,
     Rule,
 )
 
@@ -364,6 +366,15 @@ def _compile(pick: Iterable[tuple[PolicyDocument, Rule]]) -> RuleSet:
     )
 
 
+def merge_refusal(current: RefusalSettings, section: RefusalSection) -> RefusalSettings:
+    """`refusal:` keys a later file sets win, one key at a time."""
+    given = section.model_fields_set
+    return RefusalSettings(
+        contact=section.contact if "contact" in given else current.contact,
+        help_url=section.help_url if "help_url" in given else current.help_url,
+    )
+
+
 def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     """Merge documents in order: rule lists union; a later file's scalar wins only if it sets it."""
     mode, default = Mode.ENFORCE, DefaultAction.ASK
@@ -375,9 +386,11 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     telemetry: dict[str, str] = {}
     agents_file: str | None = None
     auth_required: bool | None = None
+    refusal = RefusalSettings()
     for doc in docs:
         spec = doc.spec
         given = spec.model_fields_set
+        refusal = merge_refusal(refusal, spec.refusal)
         telemetry.update(spec.telemetry.as_env())
         if spec.auth.agents_file is not None:
             agents_file = str(Path(doc.file).parent / Path(spec.auth.agents_file).expanduser())
@@ -447,6 +460,7 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
         telemetry=telemetry,
         agents_file=agents_file,
         auth_required=auth_required,
+        refusal=refusal,
     )
 
 

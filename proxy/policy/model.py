@@ -83,6 +83,14 @@ class ApprovalSettings:
 
 
 @dataclass(frozen=True)
+class RefusalSettings:
+    """The organisation's words added to every refusal body: who to ask, and a link."""
+
+    contact: str | None = None
+    help_url: str | None = None
+
+
+@dataclass(frozen=True)
 class InspectRule:
     """TLS interception with method/path checks for one host pattern."""
 
@@ -136,6 +144,7 @@ class EffectivePolicy:
     auth_required: bool | None = None  # `auth.required`; None: required iff agents are configured
     mode_pinned: bool = False  # a requirements file set the mode: nothing may switch it
     floor: Floor | None = None  # the requirements' part, when a requirements file is in force
+    refusal: RefusalSettings = field(default_factory=RefusalSettings)  # `refusal:` section
     _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
     _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
 
@@ -277,6 +286,31 @@ class TelemetrySection(_Section):
         return env
 
 
+def _single_line(value: object) -> object:
+    if isinstance(value, str) and not value.isprintable():
+        raise ValueError("must be one line of printable text")
+    return value
+
+
+def _http_url(value: object) -> object:
+    if isinstance(value, str):
+        scheme, sep, rest = value.partition("://")
+        host = rest.split("/", 1)[0]
+        visible = value.isprintable() and not any(c.isspace() for c in value)
+        if not sep or scheme.lower() not in ("http", "https") or not host or not visible:
+            raise ValueError(f"help_url {value!r} must be an http:// or https:// URL")
+    return value
+
+
+class RefusalSection(_Section):
+    """Text added to every refusal an agent gets: who to ask, and where to read more."""
+
+    contact: Annotated[StrictStr, BeforeValidator(_single_line), Field(max_length=300)] | None = (
+        None
+    )
+    help_url: Annotated[StrictStr, BeforeValidator(_http_url), Field(max_length=500)] | None = None
+
+
 class AuthSection(_Section):
     """Agent authentication: where the agents file is, and whether credentials are required."""
 
@@ -298,6 +332,7 @@ class PolicyFile(_Section):
     agents: dict[StrictStr, AgentSection] = Field(default_factory=dict)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    refusal: RefusalSection = Field(default_factory=RefusalSection)
 
 
 class RequirementsFile(PolicyFile):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from proxy.policy.load import PolicyErrors, load_policies, load_policy_file
+from proxy.policy.load import PolicyErrors, load_policies, load_policy_file, merge_refusal
 from proxy.policy.match import RuleSet
 from proxy.policy.model import (
     AgentPolicy,
@@ -153,6 +153,7 @@ def apply_requirements(
         auth_required=(
             spec.auth.required if spec.auth.required is not None else policy.auth_required
         ),
+        refusal=merge_refusal(policy.refusal, spec.refusal),  # the requirements' words win
     )
     return effective, warnings
 
