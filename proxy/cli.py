@@ -14,6 +14,7 @@ from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.config import RunConfig, parse_endpoint
 from proxy.control.client import add_client_commands
 from proxy.facts import BadURL, facts_from_url
+from proxy.identity import proxy_url
 from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy, Mode, parse_duration
 from proxy.policy.requirements import load_effective, load_requirements
@@ -161,8 +162,10 @@ def cmd_agents(args: argparse.Namespace) -> int:
             token = registry.add(args.agent_id)
             print(f"agent {args.agent_id} added to {path}; its token (shown only once):")
             print(token)
+            example = proxy_url("http://HOST:PORT", args.agent_id, "SESSION", token)
             print(
-                f"point it at the proxy with HTTPS_PROXY=http://{args.agent_id}:{token}@HOST:PORT",
+                f"point it at the proxy with HTTPS_PROXY={example} (`~SESSION` is optional), "
+                f"or run it under `egress-warden exec --agent {args.agent_id} --token-file FILE`",
                 file=sys.stderr,
             )
         elif args.agents_command == "revoke":

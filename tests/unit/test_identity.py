@@ -280,3 +280,73 @@ async def test_an_unknown_item_is_still_not_found(queue: tuple[ApprovalQueue, Sq
     with pytest.raises(ApprovalError) as missing:
         await _approve(approvals, "nope", GrantFor.AGENT)
     assert (missing.value.status, missing.value.code) == (404, "not_found")
+
+
+# --- the session separator: `~` stands unencoded in a proxy URL ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "agent", "session"),
+    [
+        ("ci-bot~run-42", "ci-bot", "run-42"),
+        ("ci-bot/run-42", "ci-bot", "run-42"),  # `%2F` in the URL arrives decoded as `/`
+        ("a@b.example~s.1", "a@b.example", "s.1"),
+        ("ci-bot", "ci-bot", None),
+    ],
+)
+def test_tilde_and_slash_both_separate_the_session(
+    user: str, agent: str, session: str | None
+) -> None:
+    assert parse_proxy_authorization(_basic(user)) == Identity(agent, session, "tok")
+
+
+@pytest.mark.parametrize(
+    "user", ["ci-bot~", "ci-bot/", "~run-42", "ci-bot~run~42", "ci-bot~run/42", "ci-bot~run 42"]
+)
+def test_empty_or_doubled_session_parts_are_not_identities(user: str) -> None:
+    assert parse_proxy_authorization(_basic(user)) is None
+
+
+def test_the_separator_needs_no_percent_encoding_in_a_url_userinfo() -> None:
+    from urllib.parse import quote, urlsplit
+
+    from proxy.identity import SESSION_SEPARATOR, proxy_url
+
+    # RFC 3986 unreserved: every URL library leaves it as it is, and ids never contain it.
+    assert quote(SESSION_SEPARATOR, safe="") == SESSION_SEPARATOR
+    assert not re_id_allows(SESSION_SEPARATOR)
+    url = proxy_url("http://127.0.0.1:8080", "ci-bot", "run-42", "t0k-_")
+    assert url == "http://ci-bot~run-42:t0k-_@127.0.0.1:8080"
+    parts = urlsplit(url)
+    assert (parts.username, parts.password, parts.hostname, parts.port) == (
+        "ci-bot~run-42",
+        "t0k-_",
+        "127.0.0.1",
+        8080,
+    )
+
+
+def test_an_at_sign_in_an_id_is_percent_encoded_in_the_url() -> None:
+    from urllib.parse import unquote, urlsplit
+
+    from proxy.identity import proxy_url
+
+    url = proxy_url("http://proxy.example:3128", "bot@team", "s1", "t")
+    assert url == "http://bot%40team~s1:t@proxy.example:3128"
+    parts = urlsplit(url)
+    assert parts.hostname == "proxy.example"
+    user = unquote(parts.username or "")
+    assert parse_proxy_authorization(_basic(user, "t")) == Identity("bot@team", "s1", "t")
+
+
+def test_proxy_url_without_an_agent_is_the_proxy() -> None:
+    from proxy.identity import proxy_url
+
+    assert proxy_url("http://127.0.0.1:8080", None, "s1", "t") == "http://127.0.0.1:8080"
+    assert proxy_url("127.0.0.1:8080", "a", None, None) == "http://a@127.0.0.1:8080"
+
+
+def re_id_allows(text: str) -> bool:
+    from proxy.identity import _ID
+
+    return any(_ID.fullmatch("a" + ch) for ch in text)
