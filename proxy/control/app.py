@@ -33,10 +33,10 @@ from proxy.facts import BadURL
 from proxy.grant_rules import allow_grant_too_broad, guarded_class
 from proxy.grants import GrantIndex
 from proxy.policy.match import parse_pattern
-from proxy.policy.model import Action, EffectivePolicy, Scope
+from proxy.policy.model import Action, EffectivePolicy, Scope, parse_duration
 from proxy.records import Grant, GrantFor
 from proxy.store import Store, StoreError
-from proxy.verdicts import Decision
+from proxy.verdicts import Decision, Reason
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -348,10 +348,33 @@ def create_app(ctx: ControlContext) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         host: Annotated[str | None, Query(max_length=300)] = None,
         decision: Annotated[Literal["allow", "deny", "hold"] | None, Query()] = None,
+        agent: Annotated[str | None, Query(max_length=128)] = None,
+        reason: Annotated[Reason | None, Query()] = None,
+        since: Annotated[
+            str | None,
+            Query(max_length=32, description="unix seconds, or a duration ago (30s, 5m, 1h, 1d)"),
+        ] = None,
     ) -> list[dict[str, Any]]:
+        cutoff: float | None = None
+        if since is not None:
+            # A plain number is a time (unix seconds); a duration (1h) is that long ago.
+            try:
+                cutoff = float(since)
+            except ValueError:
+                try:
+                    cutoff = time.time() - parse_duration(since)
+                except ValueError as exc:
+                    raise ApiError(422, "invalid_since", str(exc)) from exc
         try:
             await ctx.audit.flush()
-            rows = await ctx.store.list_decisions(limit=limit, host=host, decision=decision)
+            rows = await ctx.store.list_decisions(
+                limit=limit,
+                host=host,
+                decision=decision,
+                agent=agent,
+                reason=reason.value if reason is not None else None,
+                since=cutoff,
+            )
         except StoreError as exc:
             raise ApiError(503, "store_unavailable", str(exc)) from exc
         return [record_json(r) for r in rows]

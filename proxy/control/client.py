@@ -23,6 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from proxy.control.token import TOKEN_ENV
+from proxy.policy.model import parse_duration
 from proxy.render import safe_text
 
 URL_ENV = "EGRESS_WARDEN_CONTROL_URL"
@@ -38,6 +39,8 @@ EXIT_UNREACHABLE = 4
 
 SCOPES = ("once", "session", "always")
 FOR_CHOICES = ("agent", "all")
+ALL_AGENTS = "all agents"
+ANONYMOUS = "(anonymous)"
 
 _TOKEN_HINT = f"set {TOKEN_ENV} or pass --token-file <state-dir>/{TOKEN_FILE_NAME}"
 
@@ -121,14 +124,27 @@ class ControlClient:
         return self._object(answer)
 
     def decisions(
-        self, limit: int = 20, host: str | None = None, decision: str | None = None
+        self,
+        limit: int = 20,
+        host: str | None = None,
+        decision: str | None = None,
+        *,
+        agent: str | None = None,
+        reason: str | None = None,
+        since: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Recent decisions, newest first, optionally filtered by host and decision."""
+        """Recent decisions, newest first, optionally filtered by host, decision, agent, reason
+        and time (`since`: a duration ago such as `1h`, or unix seconds)."""
         params: dict[str, str | int] = {"limit": limit}
-        if host:
-            params["host"] = host
-        if decision:
-            params["decision"] = decision
+        for name, value in (
+            ("host", host),
+            ("decision", decision),
+            ("agent", agent),
+            ("reason", reason),
+            ("since", since),
+        ):
+            if value:
+                params[name] = value
         return self._list(self._request("GET", "/v1/decisions", params=params))
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -360,7 +376,8 @@ def render_pending(items: list[dict[str, Any]], now: float | None = None) -> str
     rows = [
         [
             _text(item.get("id")),
-            _text(item.get("agent")),
+            _text(item.get("agent") or ANONYMOUS),
+            _text(item.get("session")),
             _destination(item),
             _text(item.get("method")),
             _text(item.get("count")),
@@ -370,7 +387,17 @@ def render_pending(items: list[dict[str, Any]], now: float | None = None) -> str
         ]
         for item in items
     ]
-    headers = ["ID", "AGENT", "DESTINATION", "METHOD", "COUNT", "WAITING", "AGE", "EXPIRES IN"]
+    headers = [
+        "ID",
+        "AGENT",
+        "SESSION",
+        "DESTINATION",
+        "METHOD",
+        "COUNT",
+        "WAITING",
+        "AGE",
+        "EXPIRES IN",
+    ]
     return _table(headers, rows)
 
 
@@ -385,14 +412,25 @@ def render_grants(items: list[dict[str, Any]], now: float | None = None) -> str:
             _text(item.get("action")),
             _text(item.get("pattern")),
             _text(item.get("scope")),
-            _text(item.get("agent") or "all agents"),
+            _text(item.get("agent") or ALL_AGENTS),
+            _text(item.get("session")),
             _text(item.get("created_by")),
             _expires_in(item.get("expires_at"), now),
             _text(item.get("note")),
         ]
         for item in items
     ]
-    headers = ["ID", "ACTION", "PATTERN", "SCOPE", "FOR", "CREATED BY", "EXPIRES IN", "NOTE"]
+    headers = [
+        "ID",
+        "ACTION",
+        "PATTERN",
+        "SCOPE",
+        "FOR",
+        "SESSION",
+        "CREATED BY",
+        "EXPIRES IN",
+        "NOTE",
+    ]
     return _table(headers, rows)
 
 
@@ -408,33 +446,74 @@ def render_decisions(items: list[dict[str, Any]]) -> str:
             _text(item.get("agent")),
             _destination(item) + (_text(item["path"]) if item.get("path") else ""),
             _text(item.get("rule")),
+            _text(item.get("source")),
         ]
         for item in items
     ]
-    headers = ["TIME", "DECISION", "REASON", "AGENT", "DESTINATION", "RULE"]
+    headers = ["TIME", "DECISION", "REASON", "AGENT", "DESTINATION", "RULE", "SOURCE"]
     return _table(headers, rows)
 
 
-def render_resolution(answer: dict[str, Any], fallback_id: str) -> str:
-    """One-line confirmation of an approve/deny, plus the grant it created, if any."""
+_SCOPE_MEANS = {
+    "once": "only the request(s) waiting now; the next request is held again",
+    "session": "until that session ends (approval.session_idle without use)",
+    "always": "until the grant is revoked (egress-warden grants revoke ID)",
+}
+
+
+def _granted_to(answer: dict[str, Any], item: dict[str, Any] | None) -> str:
+    """Who an approval really covers, from the `for` the API answered (never assumed)."""
+    if answer.get("for") == "all":
+        return ALL_AGENTS
+    grant = answer.get("grant") if isinstance(answer.get("grant"), dict) else None
+    source = grant or item or {}
+    agent = source.get("agent")
+    if not agent:
+        return "the requesting agent"
+    who = f"agent {_text(agent)}"
+    if answer.get("scope") == "session" and source.get("session"):
+        who += f", session {_text(source.get('session'))}"
+    return who
+
+
+def render_resolution(
+    answer: dict[str, Any], fallback_id: str, item: dict[str, Any] | None = None
+) -> str:
+    """What an approve/deny did, in plain words: the destination, who it covers (the API's
+    answer: `all agents` when it is for everyone), how long, and the grant it created."""
     resolution = _text(answer.get("resolution") or "resolved")
     item_id = _text(answer.get("id") or fallback_id)
     scope = _text(answer.get("scope"))
-    for_ = _text(answer.get("for"))
+    who = _granted_to(answer, item)
+    what = f" {_destination(item)}" if item else ""
+    head = f"{resolution} {item_id}{what} (scope {scope}, for {who})"
     released = _text(answer.get("released", 0))
-    head = f"{resolution} {item_id} (scope {scope}, for {for_})"
+    lines = [head]
     if resolution == "denied":
-        line = f"{head}: answered {released} waiting request(s) with 403"
+        lines.append(f"answered {released} waiting request(s) with 403")
     else:
-        line = f"{head}: released {released} waiting request(s)"
+        lines.append(f"released {released} waiting request(s)")
+    if answer.get("for") == "all":
+        verb = "refused for" if resolution == "denied" else "open to"
+        anonymous = item is not None and not item.get("agent")
+        why = " (it was asked for by an anonymous caller, so it cannot be limited to one)"
+        lines.append(
+            f"this is {verb} every caller: all agents and anonymous clients alike"
+            + (why if anonymous else "")
+        )
+    meaning = _SCOPE_MEANS.get(str(answer.get("scope")))
+    if meaning:
+        lines.append(f"scope {scope}: {meaning}")
     grant = answer.get("grant")
     if isinstance(grant, dict):
-        who = _text(grant.get("agent") or "all agents")
-        line += (
-            f"\ngrant {_text(grant.get('id'))}: {_text(grant.get('action'))} "
-            f"{_text(grant.get('pattern'))} ({_text(grant.get('scope'))}, for {who})"
+        grant_who = _text(grant.get("agent") or ALL_AGENTS)
+        if grant.get("session"):
+            grant_who += f", session {_text(grant.get('session'))}"
+        lines.append(
+            f"grant {_text(grant.get('id'))}: {_text(grant.get('action'))} "
+            f"{_text(grant.get('pattern'))} ({_text(grant.get('scope'))}, for {grant_who})"
         )
-    return line
+    return "\n".join(lines)
 
 
 # -- argparse wiring ---------------------------------------------------------------------------
@@ -464,11 +543,21 @@ def _do_pending(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _pending_item(client: ControlClient, item_id: str) -> dict[str, Any] | None:
+    """The pending item as listed before it is resolved (what it is, who asked), if listed."""
+    try:
+        items = client.pending()
+    except ControlError:
+        return None  # the resolution still works; its answer is printed without the item
+    return next((item for item in items if item.get("id") == item_id), None)
+
+
 def _do_resolve(action: str) -> Handler:
     def handler(client: ControlClient, args: argparse.Namespace) -> int:
+        item = None if args.json else _pending_item(client, args.id)
         call = client.approve if action == "approve" else client.deny
         answer = call(args.id, scope=args.scope, for_=args.for_, note=args.note)
-        _emit(args, answer, lambda: render_resolution(answer, args.id))
+        _emit(args, answer, lambda: render_resolution(answer, args.id, item))
         return 0
 
     return handler
@@ -487,7 +576,14 @@ def _do_grants_revoke(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def _do_decisions(client: ControlClient, args: argparse.Namespace) -> int:
-    items = client.decisions(args.limit, host=args.host, decision=args.decision)
+    items = client.decisions(
+        args.limit,
+        host=args.host,
+        decision=args.decision,
+        agent=args.agent,
+        reason=args.reason,
+        since=args.since,
+    )
     _emit(args, items, lambda: render_decisions(items))
     return 0
 
@@ -507,6 +603,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _duration(text: str) -> str:
+    """A duration as the API takes it (`1h`), checked here so a typo is a usage error."""
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def _add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
@@ -593,5 +698,15 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     decisions.add_argument("--host", help="only decisions for this host")
     decisions.add_argument("--decision", metavar="D", help="only this decision (allow|deny|hold)")
+    decisions.add_argument("--agent", metavar="ID", help="only this agent's decisions")
+    decisions.add_argument(
+        "--reason", metavar="R", help="only this reason (deny_rule, port, approval_pending, ...)"
+    )
+    decisions.add_argument(
+        "--since",
+        type=_duration,
+        metavar="D",
+        help="only decisions of the last D (30s, 5m, 1h, 1d)",
+    )
     _add_common(decisions)
     decisions.set_defaults(func=_bind(_do_decisions))

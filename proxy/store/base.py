@@ -124,9 +124,16 @@ class Store(Protocol):
         ...
 
     async def list_decisions(
-        self, limit: int = 100, host: str | None = None, decision: str | None = None
+        self,
+        limit: int = 100,
+        host: str | None = None,
+        decision: str | None = None,
+        agent: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
     ) -> list[DecisionRecord]:
-        """The newest `limit` decision rows matching the filters, newest first."""
+        """The newest `limit` decision rows matching every filter given (`since`: unix seconds,
+        rows recorded at or after it), newest first."""
         ...
 
     async def prune_decisions(self, keep: int) -> int:

@@ -368,12 +368,20 @@ class PostgresStore:
             await conn.executemany(_DECISION_INSERT, [_decision_params(d) for d in records])
 
     async def list_decisions(
-        self, limit: int = 100, host: str | None = None, decision: str | None = None
+        self,
+        limit: int = 100,
+        host: str | None = None,
+        decision: str | None = None,
+        agent: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
     ) -> list[DecisionRecord]:
         """The newest `limit` decision rows matching the filters, newest first."""
         if limit <= 0:
             return []
-        sql, params = _decisions_query(limit, host, decision, lambda n: f"${n}")
+        sql, params = _decisions_query(
+            limit, host, decision, lambda n: f"${n}", agent=agent, reason=reason, since=since
+        )
         rows = await self._fetch(sql, *params)
         return [_decision_from(r) for r in rows]
 

@@ -70,15 +70,31 @@ _DECISIONS_PER_INSERT = _MAX_SQL_PARAMS // len(_DECISION_COLS.split(","))
 
 
 def _decisions_query(
-    limit: int, host: str | None, decision: str | None, mark: Callable[[int], str]
+    limit: int,
+    host: str | None,
+    decision: str | None,
+    mark: Callable[[int], str],
+    agent: str | None = None,
+    reason: str | None = None,
+    since: float | None = None,
 ) -> tuple[str, list[Any]]:
-    """The newest-first decision query for both stores; `mark(n)` is the n-th placeholder."""
+    """The newest-first decision query for both stores; `mark(n)` is the n-th placeholder.
+    Every filter given must match: host, decision, agent, reason exactly; `since` (unix
+    seconds) keeps rows recorded at or after it."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("host", host), ("decision", decision)):
+    for column, value in (
+        ("host", host),
+        ("decision", decision),
+        ("agent", agent),
+        ("reason", reason),
+    ):
         if value is not None:
             params.append(storable_text(value, None))  # compared as the rows were stored
             where.append(f"{column} = {mark(len(params))}")
+    if since is not None:
+        params.append(since)
+        where.append(f"at >= {mark(len(params))}")
     clause = f"WHERE {' AND '.join(where)} " if where else ""
     params.append(limit)
     order = f"ORDER BY seq DESC LIMIT {mark(len(params))}"
@@ -599,12 +615,20 @@ class SqliteStore:
                 await conn.execute(sql, [value for row in chunk for value in row])
 
     async def list_decisions(
-        self, limit: int = 100, host: str | None = None, decision: str | None = None
+        self,
+        limit: int = 100,
+        host: str | None = None,
+        decision: str | None = None,
+        agent: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
     ) -> list[DecisionRecord]:
         """The newest `limit` decision rows matching the filters, newest first."""
         if limit <= 0:
             return []
-        sql, params = _decisions_query(limit, host, decision, lambda _n: "?")
+        sql, params = _decisions_query(
+            limit, host, decision, lambda _n: "?", agent=agent, reason=reason, since=since
+        )
         rows = await self._fetchall(sql, params)
         return [_decision_from(r) for r in rows]
 

@@ -289,13 +289,33 @@ def test_pending_table(
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
-    header = ["ID", "AGENT", "DESTINATION", "METHOD", "COUNT", "WAITING", "AGE", "EXPIRES IN"]
+    header = [
+        "ID",
+        "AGENT",
+        "SESSION",
+        "DESTINATION",
+        "METHOD",
+        "COUNT",
+        "WAITING",
+        "AGE",
+        "EXPIRES IN",
+    ]
     assert cells(lines[0]) == header
     first = cells(lines[1])
-    assert first[:6] == ["1a2b3c", "claude-1", "api.unknown.test:443", "CONNECT", "4", "3"]
-    assert first[6] in ("2m05s", "2m06s")
-    assert first[7] == "1h00m" or first[7].startswith("59m")
-    assert cells(lines[2]) == ["4d5e6f", "-", "[::1]:8443", "GET", "1", "0", "10s", "expired"]
+    assert first[:7] == ["1a2b3c", "claude-1", "s-1", "api.unknown.test:443", "CONNECT", "4", "3"]
+    assert first[7] in ("2m05s", "2m06s")
+    assert first[8] == "1h00m" or first[8].startswith("59m")
+    assert cells(lines[2]) == [
+        "4d5e6f",
+        "(anonymous)",
+        "-",
+        "[::1]:8443",
+        "GET",
+        "1",
+        "0",
+        "10s",
+        "expired",
+    ]
     # Columns are aligned: every row starts its DESTINATION at the same offset.
     col = lines[0].index("DESTINATION")
     assert lines[1][col:].startswith("api.unknown.test:443")
@@ -371,7 +391,8 @@ def test_decisions_table_and_filters(
 ) -> None:
     assert with_token(api, monkeypatch, "decisions") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["TIME", "DECISION", "REASON", "AGENT", "DESTINATION", "RULE"]
+    header = ["TIME", "DECISION", "REASON", "AGENT", "DESTINATION", "RULE", "SOURCE"]
+    assert lines[0].split() == header
     assert len(lines) == 1 + 20  # default --limit 20
     expected_time = time.strftime("%H:%M:%S", time.localtime(DECISIONS[0]["at"]))
     assert lines[1].split() == [
@@ -381,8 +402,15 @@ def test_decisions_table_and_filters(
         "claude-1",
         "host0.test:443",
         "github.com",
+        "policies/default.yaml:12",
     ]
-    assert lines[2].split()[1:] == ["deny", "rule", "claude-1", "host1.test:443", "**.pastebin.com"]
+    assert lines[2].split()[1:6] == [
+        "deny",
+        "rule",
+        "claude-1",
+        "host1.test:443",
+        "**.pastebin.com",
+    ]
 
     assert with_token(api, monkeypatch, "decisions", "--limit", "3", "--decision", "deny") == 0
     rows = capsys.readouterr().out.splitlines()[1:]
@@ -417,8 +445,13 @@ def test_approve_message_and_body(
     )
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "approved 1a2b3c (scope always, for all): released 3 waiting request(s)"
-    assert lines[1] == "grant g-77: allow api.unknown.test:443 (always, for all agents)"
+    assert lines == [
+        "approved 1a2b3c api.unknown.test:443 (scope always, for all agents)",
+        "released 3 waiting request(s)",
+        "this is open to every caller: all agents and anonymous clients alike",
+        "scope always: until the grant is revoked (egress-warden grants revoke ID)",
+        "grant g-77: allow api.unknown.test:443 (always, for all agents)",
+    ]
     method, url, body = api.seen[-1]
     assert (method, url) == ("POST", "/v1/pending/1a2b3c/approve")
     assert body == {"scope": "always", "for": "all", "note": "ok"}
@@ -429,7 +462,11 @@ def test_approve_defaults(
 ) -> None:
     assert with_token(api, monkeypatch, "approve", "1a2b3c") == 0
     out = capsys.readouterr().out
-    assert out == "approved 1a2b3c (scope once, for agent): released 3 waiting request(s)\n"
+    assert out.splitlines() == [
+        "approved 1a2b3c api.unknown.test:443 (scope once, for agent claude-1)",
+        "released 3 waiting request(s)",
+        "scope once: only the request(s) waiting now; the next request is held again",
+    ]
     assert api.seen[-1][2] == {"scope": "once", "note": ""}
 
 
@@ -438,7 +475,34 @@ def test_deny_message(
 ) -> None:
     assert with_token(api, monkeypatch, "deny", "1a2b3c", "--scope", "session") == 0
     out = capsys.readouterr().out.strip()
-    assert out == "denied 1a2b3c (scope session, for agent): answered 3 waiting request(s) with 403"
+    assert out.splitlines()[:2] == [
+        "denied 1a2b3c api.unknown.test:443 (scope session, for agent claude-1, session s-1)",
+        "answered 3 waiting request(s) with 403",
+    ]
+
+
+def test_approve_anonymous_item_says_it_is_for_all_agents(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert with_token(api, monkeypatch, "approve", "4d5e6f", "--for", "all") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "approved 4d5e6f [::1]:8443 (scope once, for all agents)"
+    assert lines[2] == (
+        "this is open to every caller: all agents and anonymous clients alike "
+        "(it was asked for by an anonymous caller, so it cannot be limited to one)"
+    )
+
+
+def test_decisions_filters_by_agent_reason_and_time(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["decisions", "--agent", "claude-1", "--reason", "deny_rule", "--since", "1h"]
+    assert with_token(api, monkeypatch, *args) == 0
+    query = api.seen[-1][1]
+    assert "agent=claude-1" in query and "reason=deny_rule" in query and "since=1h" in query
+    with pytest.raises(SystemExit):
+        run_cli(["decisions", "--since", "yesterday"])
+    assert "invalid duration" in capsys.readouterr().err
 
 
 def test_approve_json(
