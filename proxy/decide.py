@@ -55,6 +55,19 @@ def _first_address_match(rulesets: Sequence[RuleSet], ip: IPAddress, port: int) 
     return None
 
 
+def _rule_decision(verdict: Verdict, rule: Rule, tier: Tier) -> Decision:
+    """A decision by `rule`, carrying its pattern and `file:line` (or grant id)."""
+    allowed = verdict is Verdict.ALLOW
+    return Decision(
+        verdict,
+        Reason.ALLOW_RULE if allowed else Reason.DENY_RULE,
+        rule.pattern,
+        rule.source,
+        f"{'allowed' if allowed else 'denied'} by rule {rule.pattern!r}",
+        tier,
+    )
+
+
 def _deny_match(
     rulesets: Sequence[RuleSet], facts: RequestFacts, address: IPAddress | None
 ) -> Rule | None:
@@ -181,14 +194,7 @@ def _decide_enforced(
             floor_sets.append(floor.agents_deny[facts.agent])
         rule = _deny_match(floor_sets, facts, address)
         if rule is not None:
-            return Decision(
-                Verdict.DENY,
-                Reason.DENY_RULE,
-                rule.pattern,
-                rule.source,
-                f"denied by rule {rule.pattern!r}",
-                Tier.FLOOR,
-            )
+            return _rule_decision(Verdict.DENY, rule, Tier.FLOOR)
     deny_sets = [policy.deny]
     if agent is not None:
         deny_sets.append(agent.deny)
@@ -197,14 +203,7 @@ def _decide_enforced(
     if rule is not None:
         # A runtime deny grant is an approver's explicit word: audit mode does not lift it.
         tier = Tier.FLOOR if rule.source.startswith("grant:") else Tier.POLICY
-        return Decision(
-            Verdict.DENY,
-            Reason.DENY_RULE,
-            rule.pattern,
-            rule.source,
-            f"denied by rule {rule.pattern!r}",
-            tier,
-        )
+        return _rule_decision(Verdict.DENY, rule, tier)
 
     allow_sets = _allow_sets(policy, agent, grants)
     allow_rule = _first_match(allow_sets, facts)
@@ -227,13 +226,7 @@ def _decide_enforced(
 
     # 5. matching allow
     if allow_rule is not None:
-        return Decision(
-            Verdict.ALLOW,
-            Reason.ALLOW_RULE,
-            allow_rule.pattern,
-            allow_rule.source,
-            f"allowed by rule {allow_rule.pattern!r}",
-        )
+        return _rule_decision(Verdict.ALLOW, allow_rule, Tier.POLICY)
 
     # 6. default: only misses are ever offered for approval
     default = policy.default
