@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.agentcli import add_agent_commands
+from proxy.agentenv import Shell, render, trust_environment
 from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.config import RunConfig, parse_endpoint
 from proxy.control.client import add_client_commands
@@ -19,6 +21,7 @@ from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy, Mode, parse_duration
 from proxy.policy.requirements import load_effective, load_requirements
 from proxy.resolve import Resolver, parse_nameserver_option, parse_resolve_option
+from proxy.trustbundle import TrustBundleError, write_trust_bundle
 from proxy.verdicts import Decision, Verdict
 
 DEFAULT_POLICY = Path("policies/default.yaml")
@@ -190,8 +193,16 @@ def cmd_ca(args: argparse.Namespace) -> int:
     if args.what == "path":
         print(cert)
     else:
-        for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"):
-            print(f"export {var}={cert}")
+        # A bundle of the system roots plus the proxy CA: the CA alone would fail every
+        # HTTPS host that is not inspected (those are tunnelled, not re-signed).
+        base = Path(args.ca_bundle_base) if args.ca_bundle_base else None
+        try:
+            trust = write_trust_bundle(Path(args.state_dir), base)
+        except TrustBundleError as exc:
+            print(f"egress-warden: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.write(render(trust_environment(trust), Shell(args.shell)))
+        return 0
     if not cert.exists():
         print(f"note: {cert} is created when the proxy first starts", file=sys.stderr)
     return 0
@@ -287,7 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the interception CA certificate")
     ca.add_argument("what", choices=["path", "env"])
     ca.add_argument("--state-dir", default=".state", metavar="DIR")
+    ca.add_argument("--shell", choices=[s.value for s in Shell], default=Shell.SH.value)
+    ca.add_argument(
+        "--ca-bundle-base",
+        metavar="FILE",
+        help="roots to trust besides the proxy CA (default: the system bundle)",
+    )
     ca.set_defaults(func=cmd_ca)
+
+    add_agent_commands(sub)
 
     agents = sub.add_parser("agents", help="manage agent identities and tokens")
     agents_sub = agents.add_subparsers(dest="agents_command", required=True)

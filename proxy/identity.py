@@ -50,6 +50,11 @@ def parse_proxy_authorization(header: str | None) -> Identity | None:
     return Identity(agent, session or None, secret)
 
 
+def valid_id(text: str) -> bool:
+    """Is `text` a well-formed agent or session id?"""
+    return _ID.fullmatch(text) is not None
+
+
 def proxy_userinfo(agent: str, session: str | None = None, token: str | None = None) -> str:
     """`AGENT[~SESSION][:TOKEN]` as it goes into a proxy URL, each part percent-encoded where
     needed (an `@` in an id becomes `%40`; `~` needs nothing)."""

@@ -1,0 +1,232 @@
+"""`exec --isolate`: run a command in a network namespace whose only way out is the proxy.
+
+Layout (one user namespace + one network namespace, made with util-linux `unshare`):
+
+    command -TCP-> 127.0.0.1:PORT (forwarder, inside) -Unix socket-> relay (outside) -TCP-> proxy
+
+The new namespace has only a loopback interface: no route, so no direct connection and no DNS
+server (names resolve at the proxy). A pathname Unix socket is a file, reachable from any network
+namespace; the relay outside connects each stream to the proxy. The user namespace is created
+even when running as root: without it, root inside could `setns` back into the host's network.
+
+Requirements: Linux with user namespaces for the calling user (`unshare --user --map-root-user`;
+`kernel.unprivileged_userns_clone=1` on Debian kernels before 5.10, `user.max_user_namespaces`
+> 0, and no AppArmor `kernel.apparmor_restrict_unprivileged_userns=1` without a profile). When
+that fails the command is not run: `IsolationError`, exit 125.
+
+This module imports only the standard library: its inside half runs as a script
+(`python -P isolate.py --inside ...`) so it needs nothing importable from the working tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+EXIT_NOT_ISOLATED = 125  # as `env`/`timeout` use 125 for "the wrapper itself failed"
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_UNSHARE = ["--user", "--map-root-user", "--net"]
+_WHY = (
+    "it ran isolated: its only way out is the proxy (HTTP_PROXY/HTTPS_PROXY); a connection that "
+    "does not use the proxy fails with 'Network is unreachable' and names do not resolve"
+)
+
+
+_INSIDE_SCRIPT = str(Path(__file__).resolve())
+
+
+class IsolationError(Exception):
+    """The namespace cannot be made here; the command was not started."""
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+) -> None:
+    try:
+        await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
+    finally:
+        for writer in (a[1], b[1]):
+            writer.close()
+
+
+def check_isolation_available() -> None:
+    """Raise `IsolationError` (with the reason) unless `unshare` can make the namespaces here."""
+    if sys.platform != "linux":
+        raise IsolationError("--isolate needs Linux network and user namespaces")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise IsolationError("--isolate needs util-linux `unshare` on PATH")
+    probe = subprocess.run(
+        [unshare, *_UNSHARE, "true"], capture_output=True, text=True, timeout=10, check=False
+    )
+    if probe.returncode != 0:
+        raise IsolationError(
+            "cannot create a user and network namespace "
+            f"({probe.stderr.strip() or f'unshare exited {probe.returncode}'}); "
+            "--isolate needs user namespaces enabled for this user (sysctl "
+            "user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1 where it exists, "
+            "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile allowing it) "
+            "or, in a container, one started with permission to create namespaces"
+        )
+
+
+def run_isolated(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    proxy_host: str,
+    proxy_port: int,
+    inner_port: int,
+) -> int:
+    """Run `command` isolated, its loopback port `inner_port` relayed to the proxy; its exit code.
+
+    Raises `IsolationError` before starting anything when the namespace cannot be made.
+    """
+    check_isolation_available()
+    workdir = Path(tempfile.mkdtemp(prefix="egress-warden-isolate-"))
+    try:
+        return asyncio.run(_run_isolated(command, env, proxy_host, proxy_port, inner_port, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_isolated(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    proxy_host: str,
+    proxy_port: int,
+    inner_port: int,
+    workdir: Path,
+) -> int:
+    sock_path = workdir / "proxy.sock"
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream = await asyncio.open_connection(proxy_host, proxy_port)
+        except OSError:
+            writer.close()
+            return
+        await _splice((reader, writer), upstream)
+
+    server = await asyncio.start_unix_server(relay, path=str(sock_path))
+    argv = [
+        str(shutil.which("unshare")),
+        *_UNSHARE,
+        "--",
+        sys.executable,
+        "-P",  # no script directory on sys.path: the inside half is stdlib-only
+        _INSIDE_SCRIPT,
+        "--inside",
+        str(sock_path),
+        str(inner_port),
+        proxy_host,
+        str(proxy_port),
+        "--",
+        *command,
+    ]
+    try:
+        process = await asyncio.create_subprocess_exec(*argv, env=dict(env))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, process.send_signal, sig)
+        code = await process.wait()
+    finally:
+        server.close()
+    if code < 0:
+        return 128 - code
+    if code not in (0, EXIT_NOT_ISOLATED):
+        print(f"egress-warden: the command exited {code}; {_WHY}", file=sys.stderr)
+    return code
+
+
+# --- the inside half ----------------------------------------------------------------------------
+
+
+def _bring_up_loopback() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sh22x", b"lo", 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | _IFF_UP))
+
+
+def _verify_isolated(proxy_host: str, proxy_port: int) -> None:
+    """Refuse to run anything unless this is a namespace with loopback only, where the proxy's
+    own address is unreachable."""
+    names = sorted(name for _, name in socket.if_nameindex())
+    if names != ["lo"]:
+        raise IsolationError(f"the namespace has interfaces {names}, expected only lo")
+    try:
+        with socket.create_connection((proxy_host, proxy_port), timeout=2):
+            pass
+    except OSError:
+        return
+    raise IsolationError(f"the proxy {proxy_host}:{proxy_port} is reachable directly")
+
+
+async def _inside(sock_path: str, port: int, command: Sequence[str]) -> int:
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream = await asyncio.open_unix_connection(sock_path)
+        except OSError:
+            writer.close()
+            return
+        await _splice((reader, writer), upstream)
+
+    server = await asyncio.start_server(forward, "127.0.0.1", port)
+    try:
+        process = await asyncio.create_subprocess_exec(*command)
+    except FileNotFoundError:
+        print(f"egress-warden: {command[0]}: command not found", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"egress-warden: {command[0]}: permission denied", file=sys.stderr)
+        return 126
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, process.send_signal, sig)
+    code = await process.wait()
+    server.close()
+    return 128 - code if code < 0 else code
+
+
+def _inside_main(argv: Sequence[str]) -> int:
+    sock_path, port, proxy_host, proxy_port, sep, *command = argv
+    if sep != "--" or not command:
+        print("egress-warden: isolate: bad inside arguments", file=sys.stderr)
+        return EXIT_NOT_ISOLATED
+    try:
+        _bring_up_loopback()
+        _verify_isolated(proxy_host, int(proxy_port))
+    except (IsolationError, OSError) as exc:
+        print(f"egress-warden: not running the command: {exc}", file=sys.stderr)
+        return EXIT_NOT_ISOLATED
+    return asyncio.run(_inside(sock_path, int(port), command))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--inside":
+        sys.exit(_inside_main(sys.argv[2:]))
+    print("usage: egress-warden exec --isolate -- CMD ...", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,517 @@
+"""Real tools behind the proxy through `egress-warden exec` (and `--isolate`), credentials in the
+`AGENT~SESSION:TOKEN` form, and `env`/`ca env` trust that adds the proxy CA to the system roots.
+
+Every tool's request is shown in the proxy's decision lines (as the agent, with its session) and
+refused when the policy denies; under `--isolate` whatever ignores the proxy fails."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy.agents import AgentRegistry
+from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
+from tests.support.clients import curl
+from tests.support.proxy import REPO, ProxyProcess, start_proxy
+from tests.support.toolservers import (
+    ToolServer,
+    make_git_repo,
+    start_git_server,
+    start_package_index,
+)
+
+pytestmark = pytest.mark.e2e
+
+AGENT, SESSION = "ci-bot", "run-7"
+NODE = shutil.which("node")
+PY = sys.executable
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """This process's environment without proxy or trust settings, with private tool configs."""
+    dropped = ("proxy", "ssl_cert", "ca_bundle", "git_config", "pip_", "node_extra")
+    env = {k: v for k, v in os.environ.items() if not any(d in k.lower() for d in dropped)}
+    env.update(
+        HOME=str(home),
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL="/dev/null",
+        GIT_TERMINAL_PROMPT="0",
+        PIP_CONFIG_FILE="/dev/null",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+    )
+    return env
+
+
+@dataclass
+class Rig:
+    proxy: ProxyProcess
+    upstreams: Upstreams
+    git: ToolServer
+    index: ToolServer
+    token: str
+    token_file: Path
+    policy: Path
+    tmp: Path
+
+    def exec(
+        self,
+        *command: str,
+        isolate: bool = False,
+        options: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [PY, "-m", "addons.cli", "exec", "--agent", AGENT, "--session", SESSION]
+        argv += ["--token-file", str(self.token_file), "--proxy", self.proxy.url]
+        argv += ["--policy", str(self.policy), "--state-dir", str(self.proxy.state_dir)]
+        argv += [*options, *(["--isolate"] if isolate else []), "--", *command]
+        return subprocess.run(
+            argv,
+            cwd=REPO,
+            env=env or _clean_env(self.tmp),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def seen(self, path: str, verdict: str = "allow", **match: object) -> dict[str, object]:
+        """The proxy's decision line for `path`, as the agent with its session."""
+        return self.proxy.wait_decision(
+            **{
+                "url.path": path,
+                "egress.decision": verdict,
+                "egress.agent.id": AGENT,
+                "session.id": SESSION,
+            },
+            **match,
+        )
+
+
+@pytest.fixture(scope="module")
+def rig(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("agentenv")
+    git_root = tmp / "git"
+    git_root.mkdir()
+    make_git_repo(git_root)
+    git = start_git_server(ALLOWED_IP, git_root)
+    index = start_package_index(ALLOWED_IP, tmp / "index")
+    agents = tmp / "agents.yaml"
+    token = AgentRegistry.load(agents).add(AGENT)
+    token_file = tmp / "token"
+    token_file.write_text(token + "\n")
+    policy = write_policy(tmp / "policy.yaml", upstreams, extra_ports=(git.port, index.port))
+    proc = start_proxy(tmp / "state", [policy], *resolve_args(), "--agents", str(agents))
+    yield Rig(proc, upstreams, git, index, token, token_file, policy, tmp)
+    proc.stop()
+    git.close()
+    index.close()
+
+
+# --- HTTP clients -------------------------------------------------------------------------------
+
+_URLLIB = (
+    "import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=30).read().decode())"
+)
+_REQUESTS = (
+    "import sys, requests; r = requests.get(sys.argv[1], timeout=30); r.raise_for_status(); "
+    "print(r.text)"
+)
+_HTTPX = (
+    "import sys, httpx; r = httpx.get(sys.argv[1], timeout=30); r.raise_for_status(); print(r.text)"
+)
+# Node 20 has no proxy support of its own; this is what undici's ProxyAgent does with the
+# variable: WHATWG URL parsing, then the decoded userinfo as Basic credentials.
+_NODE = """
+const http = require('http');
+const proxy = new URL(process.env.HTTP_PROXY);
+const user = decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password);
+const target = new URL(process.argv[1]);
+const auth = 'Basic ' + Buffer.from(user).toString('base64');
+const options = {host: proxy.hostname, port: proxy.port, path: target.href,
+                 headers: {Host: target.host, 'Proxy-Authorization': auth}};
+const req = http.request(options, (res) => {
+  let body = '';
+  res.on('data', (d) => body += d);
+  res.on('end', () => { console.log(body); process.exit(res.statusCode === 200 ? 0 : 1); });
+});
+req.on('error', (e) => { console.error(e.message); process.exit(2); });
+req.end();
+"""
+
+CLIENTS = {
+    "curl": ["curl", "-sS", "-f", "--max-time", "30"],
+    "urllib": [PY, "-c", _URLLIB],
+    "requests": [PY, "-c", _REQUESTS],
+    "httpx": [PY, "-c", _HTTPX],
+    "node": [NODE or "node", "-e", _NODE],
+}
+
+
+def _client(name: str) -> list[str]:
+    if name == "node" and NODE is None:
+        pytest.skip("node is not installed")
+    return CLIENTS[name]
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_client_goes_through_the_proxy_as_the_agent_and_session(
+    rig: Rig, client: str, isolate: bool
+) -> None:
+    path = f"/{client}-{'isolated' if isolate else 'plain'}"
+    result = rig.exec(
+        *_client(client), f"http://allowed.test:{rig.upstreams.http.port}{path}", isolate=isolate
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"hello from upstream GET {path}" in result.stdout
+    rig.seen(path, **{"server.address": "allowed.test"})
+    hit = next(h for h in rig.upstreams.http.hits if h.path == path)
+    assert "proxy-authorization" not in hit.headers
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_client_is_refused_when_the_policy_denies(rig: Rig, client: str, isolate: bool) -> None:
+    path = f"/denied-{client}-{'isolated' if isolate else 'plain'}"
+    before = len(rig.upstreams.http.hits)
+    result = rig.exec(
+        *_client(client), f"http://evil.test:{rig.upstreams.http.port}{path}", isolate=isolate
+    )
+    assert result.returncode != 0
+    rig.seen(path, "deny", **{"server.address": "evil.test", "egress.reason": "deny_rule"})
+    assert not [h for h in rig.upstreams.http.hits[before:] if h.path == path]
+
+
+# --- git and pip --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+def test_git_clone_over_smart_http_goes_through_the_proxy(rig: Rig, isolate: bool) -> None:
+    dest = rig.tmp / f"clone-{isolate}"
+    url = f"http://allowed.test:{rig.git.port}/demo.git"
+    result = rig.exec("git", "clone", "-q", url, str(dest), isolate=isolate)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "README").read_text() == "served by git http-backend\n"
+    rig.seen("/demo.git/info/refs", **{"server.port": rig.git.port})
+    rig.seen("/demo.git/git-upload-pack", **{"http.request.method": "POST"})
+
+
+def test_git_clone_is_refused_when_the_policy_denies(rig: Rig) -> None:
+    served = len(rig.git.paths)
+    dest = rig.tmp / "clone-denied"
+    result = rig.exec("git", "clone", "-q", f"http://evil.test:{rig.git.port}/demo.git", str(dest))
+    assert result.returncode != 0
+    assert "403" in result.stderr
+    rig.seen("/demo.git/info/refs", "deny", **{"server.address": "evil.test"})
+    assert len(rig.git.paths) == served
+    assert not (dest / "README").exists()
+
+
+def _pip_download(
+    rig: Rig, host: str, dest: Path, isolate: bool
+) -> subprocess.CompletedProcess[str]:
+    index = f"http://{host}:{rig.index.port}/simple/"
+    return rig.exec(
+        PY, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--retries", "0",
+        "--index-url", index, "--trusted-host", host, "-d", str(dest), "demo-pkg",
+        isolate=isolate,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+def test_pip_download_from_a_local_index_goes_through_the_proxy(rig: Rig, isolate: bool) -> None:
+    dest = rig.tmp / f"pip-{isolate}"
+    result = _pip_download(rig, "allowed.test", dest, isolate)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [p.name for p in dest.iterdir()] == ["demo_pkg-1.0-py3-none-any.whl"]
+    rig.seen("/simple/demo-pkg/", **{"server.port": rig.index.port})
+    rig.seen("/files/demo_pkg-1.0-py3-none-any.whl")
+
+
+def test_pip_download_is_refused_when_the_policy_denies(rig: Rig) -> None:
+    served = len(rig.index.paths)
+    dest = rig.tmp / "pip-denied"
+    result = _pip_download(rig, "evil.test", dest, False)
+    assert result.returncode != 0
+    rig.seen("/simple/demo-pkg/", "deny", **{"server.address": "evil.test"})
+    assert len(rig.index.paths) == served
+    assert not dest.exists() or not list(dest.iterdir())
+
+
+# --- the credential form ------------------------------------------------------------------------
+
+
+def test_the_documented_proxy_url_form_authenticates_in_curl(rig: Rig) -> None:
+    port = rig.proxy.proxy_port
+    url = f"http://allowed.test:{rig.upstreams.http.port}/cred-tilde"
+    ok = curl("-x", f"http://{AGENT}~{SESSION}:{rig.token}@127.0.0.1:{port}", url)
+    assert ok.returncode == 0 and "hello from upstream" in ok.stdout, ok.stderr
+    rig.seen("/cred-tilde")
+    # The old form, encoded as clients need it, still works; raw, the `/` ends the authority.
+    encoded = curl("-x", f"http://{AGENT}%2F{SESSION}:{rig.token}@127.0.0.1:{port}", url + "2")
+    assert encoded.returncode == 0, encoded.stderr
+    rig.seen("/cred-tilde2")
+    raw = curl("-x", f"http://{AGENT}/{SESSION}:{rig.token}@127.0.0.1:{port}", url + "3")
+    assert raw.returncode != 0
+
+
+def test_a_wrong_token_is_refused_through_exec(rig: Rig) -> None:
+    bad = rig.tmp / "bad-token"
+    bad.write_text("not-the-token\n")
+    path = "/wrong-token"
+    argv = [PY, "-m", "addons.cli", "exec", "--agent", AGENT, "--token-file", str(bad)]
+    argv += ["--proxy", rig.proxy.url, "--policy", str(rig.policy), "--"]
+    argv += ["curl", "-sS", "-f", f"http://allowed.test:{rig.upstreams.http.port}{path}"]
+    result = subprocess.run(
+        argv, cwd=REPO, env=_clean_env(rig.tmp), capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert "407" in result.stderr
+    assert not [h for h in rig.upstreams.http.hits if h.path == path]
+
+
+# --- --isolate: nothing but the proxy -----------------------------------------------------------
+
+_RAW = (
+    "import socket, sys; s = socket.create_connection(('127.0.0.2', int(sys.argv[1])), timeout=5);"
+    "s.sendall(b'GET /raw-bypass HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))"
+)
+_NODE_FETCH = (
+    "fetch(process.argv[1]).then((r) => { console.log('reached', r.status); process.exit(0); },"
+    " (e) => { console.error('failed', e.cause && e.cause.code); process.exit(1); });"
+)
+
+
+def _direct_attempts(rig: Rig) -> dict[str, list[str]]:
+    port = str(rig.upstreams.http.port)
+    attempts = {
+        "raw-socket": [PY, "-c", _RAW, port],
+        "curl-noproxy": [
+            *("curl", "-sS", "--max-time", "10", "--noproxy", "*"),
+            f"http://127.0.0.2:{port}/raw-bypass",
+        ],
+    }
+    if NODE is not None:  # Node 20's fetch ignores proxy variables
+        attempts["node-fetch"] = [NODE, "-e", _NODE_FETCH, f"http://127.0.0.2:{port}/raw-bypass"]
+    return attempts
+
+
+@pytest.mark.parametrize("attempt", ["raw-socket", "curl-noproxy", "node-fetch"])
+def test_isolated_command_cannot_bypass_the_proxy(rig: Rig, attempt: str) -> None:
+    command = _direct_attempts(rig).get(attempt)
+    if command is None:
+        pytest.skip("node is not installed")
+    # Unisolated, the same command reaches the upstream directly: the bypass is real.
+    plain = rig.exec(*command)
+    assert plain.returncode == 0, plain.stderr
+    hits = len(rig.upstreams.http.hits)
+    isolated = rig.exec(*command, isolate=True)
+    assert isolated.returncode != 0
+    assert "ran isolated" in isolated.stderr
+    assert len(rig.upstreams.http.hits) == hits
+
+
+def test_isolated_command_sees_only_loopback_and_no_dns(rig: Rig) -> None:
+    probe = (
+        "import socket\nprint(sorted(n for _, n in socket.if_nameindex()))\n"
+        "try:\n    socket.getaddrinfo('allowed.test', 80)\nexcept OSError:\n    print('no-dns')\n"
+    )
+    result = rig.exec(PY, "-c", probe, isolate=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['lo']", "no-dns"]
+
+
+def test_isolation_that_cannot_be_made_does_not_run_the_command(rig: Rig) -> None:
+    fake = rig.tmp / "fakebin"
+    fake.mkdir(exist_ok=True)
+    unshare = fake / "unshare"
+    unshare.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\n")
+    unshare.write_text(unshare.read_text() + "exit 1\n")
+    unshare.chmod(0o755)
+    marker = rig.tmp / "ran"
+    env = _clean_env(rig.tmp)
+    env["PATH"] = f"{fake}:{env.get('PATH', '/usr/bin:/bin')}"
+    result = rig.exec("touch", str(marker), isolate=True, env=env)
+    assert result.returncode == 125
+    assert "not running the command" in result.stderr
+    assert "Operation not permitted" in result.stderr
+    assert not marker.exists()
+
+
+def test_exec_without_a_command_is_a_usage_error(rig: Rig) -> None:
+    result = rig.exec()
+    assert result.returncode == 2
+    assert "needs a command" in result.stderr
+
+
+# --- trust: the system roots plus the proxy CA --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inspecting(
+    upstreams: Upstreams, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ProxyProcess, Path]]:
+    tmp = tmp_path_factory.mktemp("agentenv-inspect")
+    ports = sorted({80, 443, upstreams.https.port})
+    policy = write_policy(
+        tmp / "policy.yaml",
+        upstreams,
+        body=f"""\
+version: 1
+default: deny
+allow: [allowed.test, api.allowed.test, {ALLOWED_IP}/32]
+network: {{ports: {ports}}}
+inspect:
+  - host: api.allowed.test
+    methods: [GET, HEAD]
+""",
+    )
+    proc = start_proxy(tmp / "state", [policy], *resolve_args(), "--upstream-ca", str(ca_file))
+    yield proc, policy
+    proc.stop()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "addons.cli", *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
+
+
+def _sh_env(text: str) -> dict[str, str]:
+    env = {}
+    for line in text.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = shlex.split(value)[0]
+    return env
+
+
+def _ca_env(proxy: ProxyProcess, ca_file: Path) -> dict[str, str]:
+    # The trustme CA stands in for the system roots: it signs the upstreams.
+    result = _cli(
+        "ca", "env", "--state-dir", str(proxy.state_dir), "--ca-bundle-base", str(ca_file)
+    )
+    assert result.returncode == 0, result.stderr
+    return _sh_env(result.stdout)
+
+
+def test_ca_env_points_at_a_bundle_of_the_roots_and_the_proxy_ca(
+    inspecting: tuple[ProxyProcess, Path], ca_file: Path
+) -> None:
+    proxy, _ = inspecting
+    env = _ca_env(proxy, ca_file)
+    bundle = proxy.state_dir / "ca" / "bundle.pem"
+    proxy_ca = proxy.state_dir / "ca" / "mitmproxy-ca-cert.pem"
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"):
+        assert Path(env[name]) == bundle.resolve()
+    for name in ("PIP_CERT", "CARGO_HTTP_CAINFO"):
+        assert Path(env[name]) == bundle.resolve()
+    assert Path(env["NODE_EXTRA_CA_CERTS"]) == proxy_ca.resolve()
+    text = bundle.read_text()
+    assert ca_file.read_text().strip() in text
+    assert proxy_ca.read_text().strip() in text
+
+
+def _curl_with(
+    env: dict[str, str], proxy: ProxyProcess, url: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-q", "-sS", "-f", "--max-time", "30", "-x", proxy.url, url],
+        env={**_clean_env(proxy.state_dir.parent), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _requests_with(
+    env: dict[str, str], proxy: ProxyProcess, url: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-c", _REQUESTS, url],
+        env={**_clean_env(proxy.state_dir.parent), **env, "HTTPS_PROXY": proxy.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("tool", ["curl", "requests"])
+def test_ca_env_verifies_inspected_and_tunnelled_hosts(
+    inspecting: tuple[ProxyProcess, Path], ca_file: Path, upstreams: Upstreams, tool: str
+) -> None:
+    proxy, _ = inspecting
+    env = _ca_env(proxy, ca_file)
+    run = _curl_with if tool == "curl" else _requests_with
+    tunnelled = f"https://allowed.test:{upstreams.https.port}/tunnel-{tool}"
+    inspected = f"https://api.allowed.test:{upstreams.https.port}/inspected-{tool}"
+    for url in (tunnelled, inspected):
+        result = run(env, proxy, url)
+        assert result.returncode == 0, f"{url}: {result.stderr}"
+        assert "hello from upstream" in result.stdout
+    line = proxy.wait_decision(**{"url.path": f"/inspected-{tool}"})
+    assert line["network.transport.protocol"] == "https_inspected"
+    # The old `ca env` (the proxy CA alone) fails every host that is not inspected.
+    alone = {k: str(proxy.state_dir / "ca" / "mitmproxy-ca-cert.pem") for k in env}
+    assert run(alone, proxy, tunnelled + "-alone").returncode != 0
+
+
+def test_git_verifies_a_tunnelled_host_with_the_bundle(
+    inspecting: tuple[ProxyProcess, Path], ca_file: Path, upstreams: Upstreams
+) -> None:
+    proxy, _ = inspecting
+    env = {**_clean_env(proxy.state_dir.parent), **_ca_env(proxy, ca_file)}
+    env["GIT_CONFIG_COUNT"], env["GIT_CONFIG_KEY_0"], env["GIT_CONFIG_VALUE_0"] = (
+        "1",
+        "http.proxy",
+        proxy.url,
+    )
+    url = f"https://allowed.test:{upstreams.https.port}/gitcheck.git"
+    result = subprocess.run(
+        ["git", "ls-remote", url], env=env, capture_output=True, text=True, check=False
+    )
+    # The upstream is no git server: git fails after TLS, never on the certificate.
+    assert "SSL certificate" not in result.stderr, result.stderr
+    assert any(h.path.startswith("/gitcheck.git/info/refs") for h in upstreams.https.hits)
+
+
+def test_env_adds_ca_variables_only_when_the_policy_inspects(
+    rig: Rig, inspecting: tuple[ProxyProcess, Path], ca_file: Path
+) -> None:
+    proxy, policy = inspecting
+    common = ["env", "--proxy", proxy.url, "--state-dir", str(proxy.state_dir)]
+    common += ["--ca-bundle-base", str(ca_file)]
+    with_inspect = _sh_env(_cli(*common, "--policy", str(policy)).stdout)
+    assert Path(with_inspect["SSL_CERT_FILE"]).name == "bundle.pem"
+    without = _cli(*common, "--policy", str(rig.policy))
+    assert without.returncode == 0, without.stderr
+    assert "SSL_CERT_FILE" not in _sh_env(without.stdout)
+    assert _sh_env(without.stdout)["HTTPS_PROXY"] == proxy.url
+
+
+def test_exec_with_an_inspecting_policy_verifies_both_kinds_of_host(
+    inspecting: tuple[ProxyProcess, Path], ca_file: Path, upstreams: Upstreams
+) -> None:
+    proxy, policy = inspecting
+    argv = [PY, "-m", "addons.cli", "exec", "--proxy", proxy.url, "--policy", str(policy)]
+    argv += ["--state-dir", str(proxy.state_dir), "--ca-bundle-base", str(ca_file), "--"]
+    for host, path in (("allowed.test", "/exec-tunnel"), ("api.allowed.test", "/exec-inspected")):
+        url = f"https://{host}:{upstreams.https.port}{path}"
+        result = subprocess.run(
+            [*argv, "curl", "-sS", "-f", "--max-time", "30", url],
+            cwd=REPO,
+            env=_clean_env(proxy.state_dir.parent),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        proxy.wait_decision(**{"server.address": host, "egress.decision": "allow"})
