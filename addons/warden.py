@@ -18,7 +18,7 @@ from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
-from proxy.policy.model import InspectRule
+from proxy.policy.model import EffectivePolicy, InspectRule
 from proxy.render import is_http_token
 from proxy.responses import render_refusal
 from proxy.telemetry import ConnectionCloseEvent
@@ -167,8 +167,17 @@ def _client_gone(client: connection.Client) -> Callable[[], bool]:
     return lambda: not (client.state & connection.ConnectionState.CAN_READ)
 
 
-def _refusal_response(admission: Admission, facts: RequestFacts) -> http.Response:
-    refusal = render_refusal(admission.decision, facts, admission.pending_id)
+def _refusal_response(
+    admission: Admission, facts: RequestFacts, accept: str | None, policy: EffectivePolicy
+) -> http.Response:
+    refusal = render_refusal(
+        admission.decision,
+        facts,
+        admission.pending_id,
+        accept=accept,  # `Accept: application/json` gets a JSON body
+        settings=policy.refusal,
+        approval_wait=policy.approval.wait,
+    )
     response = http.Response.make(
         refusal.status,
         refusal.body.encode(),
@@ -178,9 +187,11 @@ def _refusal_response(admission: Admission, facts: RequestFacts) -> http.Respons
     return response
 
 
-def _refuse(flow: http.HTTPFlow, admission: Admission, facts: RequestFacts) -> None:
+def _refuse(
+    flow: http.HTTPFlow, admission: Admission, facts: RequestFacts, policy: EffectivePolicy
+) -> None:
     flow.request.stream = False  # a refused upload is never streamed upstream
-    flow.response = _refusal_response(admission, facts)
+    flow.response = _refusal_response(admission, facts, flow.request.headers.get("accept"), policy)
 
 
 def _start_meter(flow: http.HTTPFlow, facts: RequestFacts) -> None:
@@ -291,7 +302,8 @@ class EgressWarden:
         flow.metadata["egress.request_id"] = facts.request_id
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
-            flow.response = _refusal_response(admission, facts)
+            accept = request.headers.get("accept")
+            flow.response = _refusal_response(admission, facts, accept, self.gate.policy)
             return
         assert facts.host is not None and admission.address is not None
         # TLS to a host under `inspect:` is intercepted (with the proxy's CA) so method and
@@ -370,7 +382,7 @@ class EgressWarden:
         flow.metadata["egress.request_id"] = facts.request_id
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
-            _refuse(flow, admission, facts)
+            _refuse(flow, admission, facts, self.gate.policy)
             return
         _start_meter(flow, facts)
         request.headers.add("Via", self._via)
@@ -412,7 +424,7 @@ class EgressWarden:
         )
         admission = await self.gate.admit_inspected(facts)
         if not admission.allowed:
-            _refuse(flow, admission, facts)
+            _refuse(flow, admission, facts, self.gate.policy)
             return
         _start_meter(flow, facts)
 

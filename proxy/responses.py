@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import dataclass
 
 from proxy.facts import RequestFacts
+from proxy.identity import SESSION_SEPARATOR
 from proxy.policy.model import RefusalSettings
 from proxy.verdicts import Decision, Reason, Tier
 
@@ -219,7 +220,8 @@ def help_text(
             return (
                 "This proxy needs the agent's credentials: send Proxy-Authorization: Basic with "
                 "the agent id as the username and the agent's token as the password. In a "
-                "proxy URL: HTTPS_PROXY=http://AGENT:TOKEN@PROXY_HOST:PORT (curl: "
+                "proxy URL: HTTPS_PROXY=http://AGENT:TOKEN@PROXY_HOST:PORT, or with a session "
+                f"id http://AGENT{SESSION_SEPARATOR}SESSION:TOKEN@PROXY_HOST:PORT (curl: "
                 "--proxy-user AGENT:TOKEN). `egress-warden env --agent AGENT` prints the "
                 "settings an agent process needs. An unknown agent and a wrong token get this "
                 "same answer."

@@ -83,7 +83,9 @@ def test_denied_connect_gets_the_spec_403(proxy: ProxyProcess, upstreams: Upstre
     )
     request_id = response.headers["x-egress-warden-request-id"]
     assert request_id
-    assert b"egress-warden approve" in response.body
+    # a deny rule is never offered an approval: the body says what can help instead
+    assert b"A deny rule always wins" in b" ".join(response.body.split())
+    assert b"approv" not in response.body.lower()
     line = proxy.wait_decision(**{"egress.request_id": request_id})
     assert line["egress.decision"] == "deny"
     assert line["egress.rule"] == "**.pastebin.test"

@@ -209,6 +209,7 @@ def test_auth_is_407_with_a_credential_form_that_parses_in_a_proxy_url() -> None
     assert headers["Proxy-Authenticate"] == 'Basic realm="egress-warden"'
     assert "HTTPS_PROXY=http://AGENT:TOKEN@PROXY_HOST:PORT" in _flat(refusal.body)
     assert "--proxy-user AGENT:TOKEN" in _flat(refusal.body)
+    assert "http://AGENT~SESSION:TOKEN@PROXY_HOST:PORT" in _flat(refusal.body)
     assert "AGENT/" not in _flat(refusal.body)  # a '/' in the userinfo breaks a proxy URL
 
 
