@@ -21,6 +21,7 @@ from proxy.policy.load import PolicyErrors, load_policies
 from proxy.policy.model import EffectivePolicy, Mode, parse_duration
 from proxy.policy.requirements import load_effective, load_requirements
 from proxy.resolve import Resolver, parse_nameserver_option, parse_resolve_option
+from proxy.suggestcli import add_suggest_command
 from proxy.trustbundle import TrustBundleError, write_trust_bundle
 from proxy.verdicts import Decision, Verdict
 
@@ -124,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,
             nameservers=tuple(parse_nameserver_option(n) for n in args.nameserver),
             drain=parse_duration(args.drain),
+            socks=parse_endpoint(args.socks) if args.socks else None,
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -221,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     run.add_argument("--control", default="127.0.0.1:8081", metavar="HOST:PORT")
     run.add_argument(
+        "--socks",
+        metavar="HOST:PORT",
+        help="also a SOCKS5 listener (names resolved at the proxy) under the same policy",
+    )
+    run.add_argument(
         "--state-dir",
         default=".state",
         metavar="DIR",
@@ -294,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--requirements", action="store_true", help="validate as requirements files"
     )
     validate.set_defaults(func=cmd_policy_validate)
+    add_suggest_command(policy_sub)
 
     ca = sub.add_parser("ca", help="the interception CA certificate")
     ca.add_argument("what", choices=["path", "env"])

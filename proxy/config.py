@@ -43,6 +43,7 @@ class RunConfig:
     stream_large_bodies: str = "1m"
     nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
     drain: float = 10.0  # seconds open connections get to finish after SIGTERM
+    socks: Endpoint | None = None  # a SOCKS5 listener too (`run --socks H:P`)
 
     @property
     def store_url(self) -> str:
