@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -350,3 +352,46 @@ def replace_port(port: int) -> RequestFacts:
     from dataclasses import replace
 
     return replace(FACTS, port=port)
+
+
+# -- the documented contract --------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "refusals.md"
+NOT_REFUSALS = {
+    Reason.ALLOW_RULE,
+    Reason.DEFAULT_ALLOW,
+    Reason.DEFAULT_ASK,
+    Reason.WOULD_DENY,
+    Reason.APPROVED,
+}
+
+
+def _schema() -> dict[str, Any]:
+    text = DOCS.read_text()
+    block = text.split('```json\n{\n  "$schema"', 1)[1].split("```", 1)[0]
+    schema: dict[str, Any] = json.loads('{\n  "$schema"' + block)
+    return schema
+
+
+@pytest.mark.parametrize("decision", ALL)
+def test_json_bodies_match_the_documented_schema(decision: Decision) -> None:
+    schema = _schema()
+    for settings in (None, WORDS):
+        document = _json(decision, "p-3", settings=settings, approval_wait=3)
+        assert set(schema["required"]) <= set(document) <= set(schema["properties"])
+        assert document["reason"] in schema["properties"]["reason"]["enum"]
+        for name, value in document.items():
+            kinds = schema["properties"][name].get("type")
+            if kinds is None:
+                continue
+            kinds = [kinds] if isinstance(kinds, str) else kinds
+            python = {"string": str, "integer": int, "null": type(None)}
+            assert any(isinstance(value, python[kind]) for kind in kinds), name
+
+
+def test_docs_list_every_refusal_reason() -> None:
+    refused = {reason.value for reason in Reason} - {reason.value for reason in NOT_REFUSALS}
+    assert set(_schema()["properties"]["reason"]["enum"]) == refused
+    table = DOCS.read_text()
+    for reason in refused:
+        assert f"| `{reason}` |" in table, reason
