@@ -18,7 +18,7 @@ import requests
 from proxy.agents import AgentRegistry
 from tests.conftest import ALLOWED_IP, Upstreams
 from tests.support.clients import curl, raw_request
-from tests.support.control import TOKEN_ENV, wait_pending
+from tests.support.control import TOKEN_ENV, api, wait_pending
 from tests.support.proxy import REPO, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
@@ -509,3 +509,9 @@ def test_cli_decisions_filter_and_show_the_rule_source(
     assert {row["reason"] for row in as_json} == {"deny_rule"}
     none = json.loads(_cli(proxy, "decisions", "--agent", "nobody", "--json"))
     assert none == []
+    with api(proxy) as client:
+        future = client.get("/v1/decisions", params={"since": str(time.time() + 3600)})
+        assert future.status_code == 200 and future.json() == []
+        bad_since = client.get("/v1/decisions", params={"since": "yesterday"})
+        assert bad_since.status_code == 422 and bad_since.json()["error"] == "invalid_since"
+        assert client.get("/v1/decisions", params={"reason": "bogus"}).status_code == 422
