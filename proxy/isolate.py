@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -70,6 +71,19 @@ async def _splice(
     finally:
         for writer in (a[1], b[1]):
             writer.close()
+
+
+def _pass_signals(process: asyncio.subprocess.Process) -> None:
+    """Hand SIGTERM/SIGHUP on to the command. Ctrl-C at a terminal already reaches the whole
+    foreground process group, the command included, so SIGINT is passed on only without one
+    (passed twice, an interactive agent would take it as a second Ctrl-C)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, process.send_signal, sig)
+    if os.isatty(0):
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+    else:
+        loop.add_signal_handler(signal.SIGINT, process.send_signal, signal.SIGINT)
 
 
 def check_isolation_available() -> None:
@@ -148,9 +162,7 @@ async def _run_isolated(
     ]
     try:
         process = await asyncio.create_subprocess_exec(*argv, env=dict(env))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, process.send_signal, sig)
+        _pass_signals(process)
         code = await process.wait()
     finally:
         server.close()
@@ -203,9 +215,7 @@ async def _inside(sock_path: str, port: int, command: Sequence[str]) -> int:
     except PermissionError:
         print(f"egress-warden: {command[0]}: permission denied", file=sys.stderr)
         return 126
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, process.send_signal, sig)
+    _pass_signals(process)
     code = await process.wait()
     server.close()
     return 128 - code if code < 0 else code

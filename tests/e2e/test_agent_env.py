@@ -25,6 +25,7 @@ from tests.support.toolservers import (
     ToolServer,
     make_git_repo,
     start_git_server,
+    start_npm_registry,
     start_package_index,
 )
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 AGENT, SESSION = "ci-bot", "run-7"
 NODE = shutil.which("node")
+NPM = shutil.which("npm")
 PY = sys.executable
 
 
@@ -56,6 +58,7 @@ class Rig:
     upstreams: Upstreams
     git: ToolServer
     index: ToolServer
+    npm: ToolServer
     token: str
     token_file: Path
     policy: Path
@@ -104,16 +107,19 @@ def rig(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Itera
     make_git_repo(git_root)
     git = start_git_server(ALLOWED_IP, git_root)
     index = start_package_index(ALLOWED_IP, tmp / "index")
+    npm = start_npm_registry(ALLOWED_IP)
     agents = tmp / "agents.yaml"
     token = AgentRegistry.load(agents).add(AGENT)
     token_file = tmp / "token"
     token_file.write_text(token + "\n")
-    policy = write_policy(tmp / "policy.yaml", upstreams, extra_ports=(git.port, index.port))
+    policy = write_policy(
+        tmp / "policy.yaml", upstreams, extra_ports=(git.port, index.port, npm.port)
+    )
     proc = start_proxy(tmp / "state", [policy], *resolve_args(), "--agents", str(agents))
-    yield Rig(proc, upstreams, git, index, token, token_file, policy, tmp)
+    yield Rig(proc, upstreams, git, index, npm, token, token_file, policy, tmp)
     proc.stop()
-    git.close()
-    index.close()
+    for server in (git, index, npm):
+        server.close()
 
 
 # --- HTTP clients -------------------------------------------------------------------------------
@@ -245,6 +251,39 @@ def test_pip_download_is_refused_when_the_policy_denies(rig: Rig) -> None:
     rig.seen("/simple/demo-pkg/", "deny", **{"server.address": "evil.test"})
     assert len(rig.index.paths) == served
     assert not dest.exists() or not list(dest.iterdir())
+
+
+def _npm_install(
+    rig: Rig, host: str, dest: Path, isolate: bool
+) -> subprocess.CompletedProcess[str]:
+    if NPM is None:
+        pytest.skip("npm is not installed")
+    return rig.exec(
+        NPM, "install", "--no-audit", "--no-fund", "--no-package-lock", "--fetch-retries=0",
+        "--prefer-online", "--cache", str(dest.with_name(dest.name + "-cache")),
+        "--prefix", str(dest), "--registry", f"http://{host}:{rig.npm.port}/", "demo-npm-pkg",
+        isolate=isolate,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+def test_npm_install_from_a_local_registry_goes_through_the_proxy(rig: Rig, isolate: bool) -> None:
+    dest = rig.tmp / f"npm-{isolate}"
+    result = _npm_install(rig, "allowed.test", dest, isolate)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (dest / "node_modules" / "demo-npm-pkg" / "index.js").is_file()
+    rig.seen("/demo-npm-pkg", **{"server.port": rig.npm.port})
+    rig.seen("/demo-npm-pkg/-/demo-npm-pkg-1.0.0.tgz")
+
+
+def test_npm_install_is_refused_when_the_policy_denies(rig: Rig) -> None:
+    served = len(rig.npm.paths)
+    dest = rig.tmp / "npm-denied"
+    result = _npm_install(rig, "evil.test", dest, False)
+    assert result.returncode != 0
+    rig.seen("/demo-npm-pkg", "deny", **{"server.address": "evil.test"})
+    assert len(rig.npm.paths) == served
+    assert not (dest / "node_modules" / "demo-npm-pkg").exists()
 
 
 # --- the credential form ------------------------------------------------------------------------

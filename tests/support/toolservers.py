@@ -159,3 +159,69 @@ def start_package_index(host: str, root: Path, project: str = "demo-pkg") -> Too
 
     handler = partial(Handler, directory=str(root))
     return _serve(ThreadingHTTPServer((host, 0), handler), paths)
+
+
+def _npm_tarball(name: str, version: str) -> bytes:
+    import io
+    import json
+    import tarfile
+
+    files = {
+        "package/package.json": json.dumps({"name": name, "version": version, "main": "index.js"}),
+        "package/index.js": "module.exports = 42;\n",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def start_npm_registry(host: str, name: str = "demo-npm-pkg", version: str = "1.0.0") -> ToolServer:
+    """An npm registry serving one package: its packument and its tarball."""
+    import json
+
+    tarball = _npm_tarball(name, version)
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
+    tar_path = f"/{name}/-/{name}-{version}.tgz"
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            if self.path == f"/{name}":
+                # The tarball URL names the registry as the client addressed it.
+                base = f"http://{self.headers.get('Host', '')}"
+                dist = {
+                    "tarball": base + tar_path,
+                    "shasum": hashlib.sha1(
+                        tarball
+                    ).hexdigest(),  # npm still lists it beside integrity
+                    "integrity": integrity,
+                }
+                doc = {
+                    "name": name,
+                    "dist-tags": {"latest": version},
+                    "versions": {version: {"name": name, "version": version, "dist": dist}},
+                }
+                body, kind = json.dumps(doc).encode(), "application/json"
+            elif self.path == tar_path:
+                body, kind = tarball, "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return _serve(ThreadingHTTPServer((host, 0), Handler), paths)
