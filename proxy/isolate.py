@@ -1,6 +1,6 @@
 """`exec --isolate`: run a command in a network namespace whose only way out is the proxy.
 
-Layout (one user namespace + one network namespace, made with util-linux `unshare`):
+Layout (user, network, PID and mount namespaces, made with util-linux `unshare`):
 
     command -TCP-> 127.0.0.1:PORT (forwarder, inside) -Unix socket-> relay (outside) -TCP-> proxy
 
@@ -37,7 +37,10 @@ EXIT_NOT_ISOLATED = 125  # as `env`/`timeout` use 125 for "the wrapper itself fa
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
-_UNSHARE = ["--user", "--map-root-user", "--net"]
+# --pid --fork --mount-proc: the command sees and can address only its own processes, so it
+# cannot ptrace or signal a process of the same user outside and borrow its network; when the
+# command's namespace ends, whatever it left running there ends with it.
+_UNSHARE = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc"]
 _WHY = (
     "it ran isolated: its only way out is the proxy (HTTP_PROXY/HTTPS_PROXY); a connection that "
     "does not use the proxy fails with 'Network is unreachable' and names do not resolve"

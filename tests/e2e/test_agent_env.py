@@ -369,6 +369,18 @@ def test_isolated_command_sees_only_loopback_and_no_dns(rig: Rig) -> None:
     assert result.stdout.split() == ["['lo']", "no-dns"]
 
 
+def test_isolated_command_cannot_reach_processes_outside(rig: Rig) -> None:
+    # A process of the same user outside could be ptraced into connecting for the command.
+    outside = rig.proxy.process.pid
+    probe = f"import os; print(os.path.exists('/proc/{outside}'), os.getpid())"
+    assert rig.exec(PY, "-c", probe).stdout.split()[0] == "True"
+    result = rig.exec(PY, "-c", probe, isolate=True)
+    assert result.returncode == 0, result.stderr
+    visible, pid = result.stdout.split()
+    assert visible == "False"
+    assert int(pid) < 10  # numbered inside its own PID namespace
+
+
 def test_isolation_that_cannot_be_made_does_not_run_the_command(rig: Rig) -> None:
     fake = rig.tmp / "fakebin"
     fake.mkdir(exist_ok=True)
