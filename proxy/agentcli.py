@@ -42,7 +42,9 @@ def _token(args: argparse.Namespace) -> str | None:
         if not token:
             raise UsageError(f"{args.token_file} is empty")
         return token
-    return args.token or os.environ.get(TOKEN_VARIABLE) or None
+    if args.token:
+        return str(args.token)
+    return (os.environ.get(TOKEN_VARIABLE) or None) if args.agent else None
 
 
 def _interception_on(args: argparse.Namespace) -> bool:

@@ -137,10 +137,24 @@ def trust_environment(trust: TrustFiles) -> dict[str, str]:
     return env
 
 
+# Never handed to an agent: with the control token it could approve its own requests.
+WITHHELD_VARIABLES = frozenset({"EGRESS_WARDEN_CONTROL_TOKEN"})
+
+
 def merge_environment(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """`base` with `extra` laid over it; git settings already in `base` (`GIT_CONFIG_COUNT`) are
-    kept and ours appended after them."""
-    merged = {**base, **extra}
+    """`base` with `extra` laid over it, for a process `exec` starts.
+
+    A variable of `base` that differs from one of ours only in case (`NPM_CONFIG_PROXY`) is
+    dropped, so no tool picks the old one; the control token is dropped; git settings already in
+    `base` (`GIT_CONFIG_COUNT`) are kept and ours appended after them.
+    """
+    our_names = {name.lower() for name in extra}
+    merged = {
+        name: value
+        for name, value in base.items()
+        if name.lower() not in our_names and name not in WITHHELD_VARIABLES
+    }
+    merged.update(extra)
     if "GIT_CONFIG_COUNT" in extra and base.get("GIT_CONFIG_COUNT", "").isdigit():
         have = int(base["GIT_CONFIG_COUNT"])
         ours = int(extra["GIT_CONFIG_COUNT"])

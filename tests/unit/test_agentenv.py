@@ -115,6 +115,20 @@ def test_existing_git_config_variables_are_kept_and_ours_appended() -> None:
     assert merged["GIT_CONFIG_VALUE_1"] == "http://127.0.0.1:8080"
 
 
+def test_exec_drops_case_variants_of_our_variables_and_the_control_token() -> None:
+    base = {
+        "NPM_CONFIG_PROXY": "http://old.example:1",
+        "Https_Proxy": "http://old.example:1",
+        "EGRESS_WARDEN_CONTROL_TOKEN": "admin-secret",
+        "PATH": "/usr/bin",
+    }
+    merged = merge_environment(base, agent_environment(PROXY))
+    assert "NPM_CONFIG_PROXY" not in merged and "Https_Proxy" not in merged
+    assert "EGRESS_WARDEN_CONTROL_TOKEN" not in merged
+    assert merged["PATH"] == "/usr/bin"
+    assert merged["npm_config_proxy"] == "http://127.0.0.1:8080"
+
+
 TRICKY = {"A": 'it\'s $HOME `x` \\ "q"', "B": "-Da=1 -Db=2"}
 
 
