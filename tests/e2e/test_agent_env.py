@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from proxy.agents import AgentRegistry
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
@@ -57,6 +59,7 @@ class Rig:
     proxy: ProxyProcess
     upstreams: Upstreams
     git: ToolServer
+    git_tls: ToolServer
     index: ToolServer
     npm: ToolServer
     token: str
@@ -100,12 +103,17 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(
+    upstreams: Upstreams, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("agentenv")
     git_root = tmp / "git"
     git_root.mkdir()
     make_git_repo(git_root)
     git = start_git_server(ALLOWED_IP, git_root)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("allowed.test", "evil.test").configure_cert(tls)
+    git_tls = start_git_server(ALLOWED_IP, git_root, tls)
     index = start_package_index(ALLOWED_IP, tmp / "index")
     npm = start_npm_registry(ALLOWED_IP)
     agents = tmp / "agents.yaml"
@@ -113,12 +121,12 @@ def rig(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Itera
     token_file = tmp / "token"
     token_file.write_text(token + "\n")
     policy = write_policy(
-        tmp / "policy.yaml", upstreams, extra_ports=(git.port, index.port, npm.port)
+        tmp / "policy.yaml", upstreams, extra_ports=(git.port, git_tls.port, index.port, npm.port)
     )
     proc = start_proxy(tmp / "state", [policy], *resolve_args(), "--agents", str(agents))
-    yield Rig(proc, upstreams, git, index, npm, token, token_file, policy, tmp)
+    yield Rig(proc, upstreams, git, git_tls, index, npm, token, token_file, policy, tmp)
     proc.stop()
-    for server in (git, index, npm):
+    for server in (git, git_tls, index, npm):
         server.close()
 
 
@@ -209,6 +217,24 @@ def test_git_clone_over_smart_http_goes_through_the_proxy(rig: Rig, isolate: boo
     assert (dest / "README").read_text() == "served by git http-backend\n"
     rig.seen("/demo.git/info/refs", **{"server.port": rig.git.port})
     rig.seen("/demo.git/git-upload-pack", **{"http.request.method": "POST"})
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["plain", "isolated"])
+def test_git_clone_over_https_tunnels_through_the_proxy(
+    rig: Rig, ca_file: Path, isolate: bool
+) -> None:
+    dest = rig.tmp / f"clone-tls-{isolate}"
+    env = {**_clean_env(rig.tmp), "GIT_SSL_CAINFO": str(ca_file)}
+    url = f"https://allowed.test:{rig.git_tls.port}/demo.git"
+    served = len(rig.git_tls.paths)
+    result = rig.exec("git", "clone", "-q", url, str(dest), isolate=isolate, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "README").is_file()
+    assert "/demo.git/git-upload-pack" in rig.git_tls.paths[served:]
+    line = rig.proxy.wait_decision(
+        **{"server.port": rig.git_tls.port, "egress.agent.id": AGENT, "session.id": SESSION}
+    )
+    assert line["egress.decision"] == "allow"
 
 
 def test_git_clone_is_refused_when_the_policy_denies(rig: Rig) -> None:
@@ -515,8 +541,9 @@ def test_ca_env_verifies_inspected_and_tunnelled_hosts(
     assert run(alone, proxy, tunnelled + "-alone").returncode != 0
 
 
-def test_git_verifies_a_tunnelled_host_with_the_bundle(
-    inspecting: tuple[ProxyProcess, Path], ca_file: Path, upstreams: Upstreams
+@pytest.mark.parametrize("host", ["allowed.test", "api.allowed.test"], ids=["tunnel", "inspected"])
+def test_git_verifies_tunnelled_and_inspected_hosts_with_the_bundle(
+    inspecting: tuple[ProxyProcess, Path], ca_file: Path, upstreams: Upstreams, host: str
 ) -> None:
     proxy, _ = inspecting
     env = {**_clean_env(proxy.state_dir.parent), **_ca_env(proxy, ca_file)}
@@ -525,13 +552,20 @@ def test_git_verifies_a_tunnelled_host_with_the_bundle(
         "http.proxy",
         proxy.url,
     )
-    url = f"https://allowed.test:{upstreams.https.port}/gitcheck.git"
+    repo = f"/git-{host}.git"
+    url = f"https://{host}:{upstreams.https.port}{repo}"
     result = subprocess.run(
         ["git", "ls-remote", url], env=env, capture_output=True, text=True, check=False
     )
     # The upstream is no git server: git fails after TLS, never on the certificate.
-    assert "SSL certificate" not in result.stderr, result.stderr
-    assert any(h.path.startswith("/gitcheck.git/info/refs") for h in upstreams.https.hits)
+    assert "certificate" not in result.stderr.lower(), result.stderr
+    assert any(h.path.startswith(f"{repo}/info/refs") for h in upstreams.https.hits)
+    # With the proxy CA alone (the old `ca env`) only the inspected host verifies.
+    env["GIT_SSL_CAINFO"] = str(proxy.state_dir / "ca" / "mitmproxy-ca-cert.pem")
+    alone = subprocess.run(
+        ["git", "ls-remote", url + "-alone"], env=env, capture_output=True, text=True, check=False
+    )
+    assert ("certificate" in alone.stderr.lower()) == (host == "allowed.test"), alone.stderr
 
 
 def test_env_adds_ca_variables_only_when_the_policy_inspects(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import ssl
 import subprocess
 import threading
 import zipfile
@@ -55,8 +56,11 @@ def make_git_repo(root: Path, name: str = "demo.git") -> Path:
     return bare
 
 
-def start_git_server(host: str, project_root: Path) -> ToolServer:
-    """`git http-backend` (smart HTTP, read-only) for the bare repositories under project_root."""
+def start_git_server(
+    host: str, project_root: Path, ssl_context: ssl.SSLContext | None = None
+) -> ToolServer:
+    """`git http-backend` (smart HTTP, read-only) for the bare repositories under project_root;
+    over HTTPS when an SSL context is given."""
     paths: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -107,7 +111,10 @@ def start_git_server(host: str, project_root: Path) -> ToolServer:
 
         do_GET = do_POST = _cgi
 
-    return _serve(ThreadingHTTPServer((host, 0), Handler), paths)
+    server = ThreadingHTTPServer((host, 0), Handler)
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
+    return _serve(server, paths)
 
 
 def build_wheel(directory: Path, name: str = "demo_pkg", version: str = "1.0") -> Path:
