@@ -8,11 +8,13 @@ import gc
 import signal
 from typing import Any
 
+import structlog
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 from mitmproxy.proxy import layer, mode_servers
 
+from addons import socks
 from addons.http_guard import HttpGuard
 from addons.warden import EgressWarden
 from proxy.config import RunConfig
@@ -20,6 +22,8 @@ from proxy.policy.model import EffectivePolicy
 from proxy.service import Service, StartupError, reuse_port
 
 __all__ = ["StartupError", "serve"]
+
+log = structlog.get_logger("egress-warden")
 
 
 class _ReusePortAsyncio:
@@ -53,11 +57,20 @@ class _NextLayer(next_layer.NextLayer):
         super().next_layer(nextlayer)
 
 
+def _modes(cfg: RunConfig) -> list[str]:
+    """The regular proxy on `--listen`, and a SOCKS5 listener on `--socks` if asked for."""
+    if cfg.socks is None:
+        return ["regular"]
+    socks.install()
+    # mitmproxy's spec splits the port at the last colon: IPv6 hosts go unbracketed.
+    return ["regular", f"socks5@{cfg.socks.host}:{cfg.socks.port}"]
+
+
 def _proxy_options(cfg: RunConfig) -> options.Options:
     return options.Options(
         listen_host=cfg.listen.host,
         listen_port=cfg.listen.port,
-        mode=["regular"],
+        mode=_modes(cfg),
         confdir=str(cfg.state_dir / "ca"),
     )
 
@@ -99,11 +112,16 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
     )
 
     async def announce() -> None:
-        while not (ps.is_running and ps.listen_addrs()):
+        # Every listener (the SOCKS one too) up, so the guard knows them all as the proxy.
+        while not (ps.is_running and ps.listen_addrs() and all(s.listen_addrs for s in ps.servers)):
             if master.should_exit.is_set():
                 return
             await asyncio.sleep(0.02)
         service.proxy_listening([(str(a[0]), int(a[1])) for a in ps.listen_addrs()])
+        for server in ps.servers:
+            if server.mode.type_name == "socks5" and server.listen_addrs:
+                host, port = server.listen_addrs[0][:2]
+                log.info("egress.socks.listening", socks=f"{host}:{port}")
 
     async def drain() -> None:
         # Refuse new connections first, answer held requests, let open tunnels finish.

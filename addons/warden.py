@@ -4,16 +4,21 @@ gate's admissions back into responses, pinned upstreams and tunnels. It decides 
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.modes import Socks5AuthData
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from addons.socks import SocksConnectData
+from proxy.auth import INVALID_CREDENTIALS, Caller
 from proxy.facts import RequestFacts, Transport
 from proxy.gate import Admission, Gate
 from proxy.hosts import Host, InvalidHost, canonicalize_host
@@ -225,6 +230,10 @@ class EgressWarden:
         self._pins: dict[str, dict[tuple[str, int], _Pin]] = {}
         # client id -> its admitted CONNECT tunnel; dropped with either connection.
         self._tunnels: dict[str, _Tunnel] = {}
+        # SOCKS5 client connection -> who it authenticated as (one handshake per connection).
+        self._socks_callers: weakref.WeakKeyDictionary[connection.Client, Caller] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _pin(
         self, client: connection.Client, key: tuple[str, int], admission: Admission, port: int
@@ -452,6 +461,55 @@ class EgressWarden:
         if data.server.sni is None and address[0] != pin.address:
             data.server.sni = address[0]  # TLS to the upstream (if any) names the host, not the IP
         data.server.address = (pin.address, pin.port)
+
+    # -- SOCKS5 (the layer is addons/socks.py) ------------------------------------------------
+
+    def socks5_auth(self, data: Socks5AuthData) -> None:
+        """SOCKS5 username/password are the proxy credentials (agent[~session] / token),
+        verified like `Proxy-Authorization`; a failure ends the handshake (RFC 1929 0x01)."""
+        basic = base64.b64encode(f"{data.username}:{data.password}".encode()).decode()
+        identity = parse_proxy_authorization(f"Basic {basic}")
+        caller = self.gate.identify(identity)
+        if identity is None:  # credentials were offered but do not parse: never anonymous
+            caller = Caller(failure=INVALID_CREDENTIALS)
+        self._socks_callers[data.client_conn] = caller
+        data.valid = caller.failure is None
+
+    async def egress_socks_connect(self, data: SocksConnectData) -> None:
+        """A SOCKS5 CONNECT, decided like an HTTP CONNECT: a name (socks5h) is resolved by the
+        gate only once admitted; an IP literal (the client resolved it) is checked as such.
+        Admitted, it is a tunnel like any other: pinned, SNI-checked, metered, re-checked."""
+        caller = self._socks_callers.get(data.client) or self.gate.identify(None)
+        facts = RequestFacts(
+            request_id=_new_request_id(),
+            raw_host=data.host,
+            host=_host_or_none(data.host),
+            port=data.port,
+            transport=Transport.SOCKS5,
+            method="CONNECT",
+            scheme="socks5",
+            agent=caller.agent,
+            session=caller.session,
+            invalid=Reason.AUTH_REQUIRED if caller.failure else None,
+            invalid_detail=caller.failure or "",
+            client_address=_client_address(data.client),
+        )
+        admission = await self.gate.admit(facts, _client_gone(data.client))
+        if not admission.allowed:
+            return
+        assert facts.host is not None and admission.address is not None
+        # A host under `inspect:` is intercepted here as through CONNECT, so its method and
+        # path rules cannot be bypassed by asking over SOCKS.
+        inspect = admission.inspect or self.gate.policy.inspect_rule(facts.host, facts.port)
+        self._close_tunnel(self._tunnels.pop(data.client.id, None))
+        self._tunnels[data.client.id] = _Tunnel(
+            facts,
+            server_id=data.server.id,
+            pin=_Pin(str(admission.address), data.port),
+            inspect=inspect,
+            admitted=admission.decision,
+        )
+        data.allowed = True
 
     def request(self, flow: http.HTTPFlow) -> None:
         meter = flow.metadata.get("egress.meter")

@@ -17,6 +17,7 @@ class Transport(StrEnum):
     HTTPS_CONNECT = "https_connect"
     HTTPS_INSPECTED = "https_inspected"
     WEBSOCKET = "websocket"
+    SOCKS5 = "socks5"  # a SOCKS5 CONNECT (raw TCP, or TLS intercepted for `inspect:` hosts)
 
 
 @dataclass(frozen=True, slots=True)

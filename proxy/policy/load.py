@@ -356,6 +356,7 @@ def _document(
         deny=rules(spec.deny, ("deny",), Action.DENY),
         inspect=inspect,
         agents=agents,
+        includes=tuple((text, tree.line_of(("include", i))) for i, text in enumerate(spec.include)),
         patterns=patterns,
     )
 
@@ -464,15 +465,58 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     )
 
 
+MAX_INCLUDE_DEPTH = 8  # a preset may include another; deeper chains are a mistake
+
+
+def load_with_includes(
+    path: str | Path,
+    *,
+    _chain: tuple[Path, ...] = (),
+    _loaded: set[Path] | None = None,
+) -> list[PolicyDocument]:
+    """A policy file and, before it, every file it includes (depth first, each file once;
+    paths relative to the including file). An unreadable, cyclic or too deep include is an
+    error at the `include:` line that names it; errors inside an included file name that file.
+    """
+    loaded = set() if _loaded is None else _loaded
+    doc = load_policy_file(path)
+    here = Path(path).resolve()
+    chain = (*_chain, here)
+    loaded.add(here)
+    docs: list[PolicyDocument] = []
+    errors: list[PolicyError] = []
+    for text, line in doc.includes:
+        target = (Path(path).parent / Path(text).expanduser()).resolve()
+        if target in chain:
+            cycle = " -> ".join(p.name for p in (*chain[chain.index(target) :], target))
+            errors.append(PolicyError(doc.file, line, f"include {text!r} is a cycle: {cycle}"))
+        elif len(chain) > MAX_INCLUDE_DEPTH:
+            message = f"include {text!r}: includes nest deeper than {MAX_INCLUDE_DEPTH} files"
+            errors.append(PolicyError(doc.file, line, message))
+        elif target in loaded:
+            continue  # already included through another file: its rules are in once
+        elif not target.is_file():
+            errors.append(PolicyError(doc.file, line, f"include {text!r}: no such file {target}"))
+        else:
+            try:
+                docs.extend(load_with_includes(target, _chain=chain, _loaded=loaded))
+            except PolicyErrors as exc:
+                errors.extend(exc.errors)
+    if errors:
+        raise PolicyErrors(errors)
+    return [*docs, doc]
+
+
 def load_policies(paths: Sequence[str | Path]) -> EffectivePolicy:
-    """Load, validate, merge and compile policy files; raise PolicyErrors for all of them."""
+    """Load, validate, merge and compile policy files (and what they include); raise
+    PolicyErrors for all of them."""
     if not paths:
         raise PolicyErrors([PolicyError("<policy>", 0, "no policy file given")])
     docs: list[PolicyDocument] = []
     errors: list[PolicyError] = []
     for path in paths:
         try:
-            docs.append(load_policy_file(path))
+            docs.extend(load_with_includes(path))
         except PolicyErrors as exc:
             errors.extend(exc.errors)
     if errors:

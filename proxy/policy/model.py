@@ -17,6 +17,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    field_validator,
     model_validator,
 )
 
@@ -322,6 +323,9 @@ class PolicyFile(_Section):
     """One policy file as written (SPEC section 3)."""
 
     version: Literal[1]
+    # Other policy files (presets) whose rules join this one's, paths relative to this file;
+    # they merge before it, so what this file sets wins.
+    include: list[StrictStr] = Field(default_factory=list)
     mode: Mode = Mode.ENFORCE
     default: DefaultAction = DefaultAction.ASK
     allow: list[StrictStr] = Field(default_factory=list)
@@ -340,6 +344,13 @@ class RequirementsFile(PolicyFile):
 
     managed_only: StrictBool = False
     max_default: DefaultAction | None = None
+
+    @field_validator("include")
+    @classmethod
+    def _no_include(cls, value: list[str]) -> list[str]:
+        if value:
+            raise ValueError("not supported in a requirements file: write the floor's rules here")
+        return value
 
 
 @dataclass(frozen=True)
@@ -364,5 +375,6 @@ class PolicyDocument:
     deny: tuple[Rule, ...]
     inspect: tuple[InspectRule, ...]
     agents: Mapping[str, AgentRules]
+    includes: tuple[tuple[str, int], ...] = ()  # `include:` entries as written, with their line
     # pattern as written -> parsed form, so compiling does not parse every rule twice
     patterns: Mapping[str, ParsedPattern] = field(default_factory=dict, repr=False, compare=False)
