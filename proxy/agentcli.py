@@ -135,7 +135,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", metavar="ID", help="the agent's id (credentials in the proxy URL)")
     p.add_argument("--session", metavar="S", help="a session id (AGENT~SESSION)")
-    p.add_argument("--token", metavar="T", help=f"the agent's token (or ${TOKEN_VARIABLE})")
+    p.add_argument(
+        "--token",
+        metavar="T",
+        help=f"the agent's token (or ${TOKEN_VARIABLE}); others can read it in ps: prefer a file",
+    )
     p.add_argument("--token-file", metavar="FILE", help="read the agent's token from FILE")
     p.add_argument("--proxy", default=DEFAULT_PROXY, metavar="URL", help=f"default {DEFAULT_PROXY}")
     p.add_argument(
