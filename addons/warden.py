@@ -25,7 +25,7 @@ from proxy.hosts import Host, InvalidHost, canonicalize_host
 from proxy.identity import Identity, parse_proxy_authorization
 from proxy.policy.model import EffectivePolicy, InspectRule
 from proxy.render import is_http_token
-from proxy.responses import render_refusal
+from proxy.responses import JUSTIFICATION_HEADER, render_refusal
 from proxy.telemetry import ConnectionCloseEvent
 from proxy.verdicts import Decision, Reason
 
@@ -307,6 +307,7 @@ class EgressWarden:
             invalid_detail=caller.failure or "",
             client_address=_client_address(flow.client_conn),
             traceparent=request.headers.get("traceparent"),
+            justification=request.headers.get(JUSTIFICATION_HEADER),
         )
         flow.metadata["egress.request_id"] = facts.request_id
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
@@ -363,6 +364,7 @@ class EgressWarden:
         caller = self.gate.identify(_identity(request))
         looped = self._looped(request)
         token = is_http_token(request.method)
+        justification = request.headers.get(JUSTIFICATION_HEADER)  # read before stripping
         strip_client_headers(request)
         invalid, detail = self._check_host_header(request)
         if looped:
@@ -387,6 +389,7 @@ class EgressWarden:
             invalid=invalid,
             invalid_detail=detail,
             traceparent=request.headers.get("traceparent"),
+            justification=justification,
         )
         flow.metadata["egress.request_id"] = facts.request_id
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))

@@ -9,6 +9,7 @@ requests held on every replica.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -18,11 +19,14 @@ from typing import Any
 
 import structlog
 
+from proxy.audit import record_json
 from proxy.eventbus import EventBus
 from proxy.facts import RequestFacts
 from proxy.grants import GrantIndex
-from proxy.policy.model import Action, ApprovalSettings, Scope
-from proxy.records import ApprovalRecord, Grant, GrantFor, PendingItem
+from proxy.policy.model import Action, ApprovalSettings, EffectivePolicy, Scope
+from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
+from proxy.review.chain import ChainResult, RecentDecision, bounded_justification
+from proxy.review.runner import AutoDecision, AutoReviewer
 from proxy.store import (
     CHANNEL_GRANTS,
     CHANNEL_PENDING,
@@ -84,6 +88,15 @@ class ResolveResult:
     grant: Grant | None
 
 
+@dataclass(frozen=True, slots=True)
+class AutoReviewed:
+    """What the review tier made of a held request: a verdict when it decided (approve or
+    deny), else the escalated chain result that goes on the pending item for humans."""
+
+    result: ChainResult
+    verdict: Verdict | None
+
+
 @dataclass
 class _Waiting:
     future: asyncio.Future[Verdict]
@@ -142,6 +155,9 @@ class ApprovalQueue:
         self._per_agent: dict[str | None, int] = {}
         self._draining: asyncio.Future[None] | None = None
         self._grants_seen: tuple[int, float, str] | None = None
+        self.reviewer = AutoReviewer()
+        # One review per (agent, host, port) at a time: concurrent requests share its answer.
+        self._reviewing: dict[PendingKey, asyncio.Future[AutoReviewed | None]] = {}
 
     def _put(self, item: PendingItem) -> None:
         if item.id not in self._items:
@@ -251,6 +267,143 @@ class ApprovalQueue:
                 )
         return None
 
+    # -- automatic review ------------------------------------------------------------------
+
+    def joins_pending(self, facts: RequestFacts) -> bool:
+        """Whether `facts` would join an item already pending (humans own it: no new review)."""
+        assert facts.host is not None
+        return pending_key(facts.agent, facts.host.name, facts.port) in self._keys
+
+    async def auto_review(
+        self, facts: RequestFacts, policy: EffectivePolicy
+    ) -> AutoReviewed | None:
+        """Run the review tier for a held request (None: no reviewer configured). An approval
+        or denial is carried out here (stored, announced); an escalation is returned for the
+        pending item. Concurrent requests for one destination share one review.
+
+        Raises StoreError when an automatic outcome cannot be stored."""
+        assert facts.host is not None
+        key = pending_key(facts.agent, facts.host.name, facts.port)
+        running = self._reviewing.get(key)
+        if running is not None:
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this request itself was cancelled
+                # the request that started the review went away: review again for this one
+        future: asyncio.Future[AutoReviewed | None] = asyncio.get_running_loop().create_future()
+        self._reviewing[key] = future
+        try:
+            answer = await self._auto_review(facts, policy)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: sharers re-raise it, nobody logs it as lost
+            raise
+        else:
+            future.set_result(answer)
+            return answer
+        finally:
+            if self._reviewing.get(key) is future:
+                del self._reviewing[key]
+
+    async def _auto_review(
+        self, facts: RequestFacts, policy: EffectivePolicy
+    ) -> AutoReviewed | None:
+        started = self._clock()
+        decided = await self.reviewer.review(facts, policy)
+        if decided is None:
+            return None
+        if isinstance(decided, ChainResult):
+            return AutoReviewed(decided, None)
+        verdict = await self._auto_resolve(facts, decided, policy, started)
+        return AutoReviewed(decided.result, verdict)
+
+    async def _auto_resolve(
+        self, facts: RequestFacts, decided: AutoDecision, policy: EffectivePolicy, started: float
+    ) -> Verdict:
+        """Carry out an automatic approval (a grant of at most the allowed scope, stored so
+        every worker and replica enforces it) or denial (`once`: nothing is stored that a
+        human could not overrule)."""
+        assert facts.host is not None
+        final = decided.result.final
+        outcome = Outcome.APPROVED if decided.approved else Outcome.DENIED
+        approver = f"auto:{final.reviewer}"
+        review_id = "r-" + secrets.token_hex(6)
+        grant: Grant | None = None
+        if decided.approved and decided.scope is not Scope.ONCE:
+            for_agent = decided.grant_for is GrantFor.AGENT
+            grant = Grant(
+                id="g-" + secrets.token_hex(6),
+                pattern=grant_pattern(facts.host.name, facts.port),
+                action=Action.ALLOW,
+                scope=decided.scope,
+                agent=facts.agent if for_agent else None,
+                session=facts.session if for_agent and decided.scope is Scope.SESSION else None,
+                created_by=approver,
+                note=final.rationale,
+                created_at=self._clock(),
+                expires_at=(
+                    self._clock() + policy.approval.session_idle
+                    if decided.scope is Scope.SESSION
+                    else None
+                ),
+            )
+            await self.add_grant(grant)
+        verdict = Verdict(
+            outcome,
+            review_id,
+            decided.scope,
+            decided.grant_for,
+            approver,
+            final.reviewer,
+            final.rationale,
+            grant.id if grant is not None else None,
+        )
+        wait_ms = int((self._clock() - started) * 1000)
+        await self._store.record_approval(
+            ApprovalRecord(
+                id=review_id,
+                state=outcome.value,
+                host=facts.host.name,
+                port=facts.port,
+                agent=facts.agent,
+                scope=decided.scope,
+                grant_for=decided.grant_for,
+                approver=approver,
+                reviewer=final.reviewer,
+                note=final.rationale,
+                wait_ms=wait_ms,
+                at=self._clock(),
+                grant_id=verdict.grant_id,
+                review=decided.result.to_json(),
+            )
+        )
+        self._telemetry.emit(
+            ApprovalEvent(
+                outcome.value,
+                review_id,
+                facts.host.name,
+                facts.port,
+                facts.agent,
+                facts.session,
+                scope=decided.scope.value,
+                grant_for=decided.grant_for.value,
+                reviewer=final.reviewer,
+                approver=approver,
+                wait_ms=wait_ms,
+                note=final.rationale,
+                request_id=facts.request_id,
+                traceparent=facts.traceparent,
+                rationale=final.rationale,
+                signals=decided.result.signal_names,
+            )
+        )
+        return verdict
+
     # -- holding ---------------------------------------------------------------------------
 
     async def hold(
@@ -259,13 +412,15 @@ class ApprovalQueue:
         settings: ApprovalSettings,
         client_gone: Callable[[], bool] | None = None,
         on_held: Callable[[PendingItem], None] | None = None,
+        review: ChainResult | None = None,
     ) -> HoldResult:
-        """Create or join the pending item for this request and wait up to `settings.wait`.
+        """Create or join the pending item for this request and wait up to `settings.wait`
+        (`review`: the escalated auto-review trail the item carries for humans).
 
         Raises StoreError when the shared queue cannot be reached (nothing new is held then).
         """
         assert facts.host is not None
-        item = await self._join(facts, settings)
+        item = await self._join(facts, settings, review)
         if on_held is not None:
             on_held(item)
         waiting = self._waiting.get(item.id)
@@ -310,7 +465,9 @@ class ApprovalQueue:
                 if not gone.done() and client_gone():
                     gone.set_result(None)
 
-    async def _join(self, facts: RequestFacts, settings: ApprovalSettings) -> PendingItem:
+    async def _join(
+        self, facts: RequestFacts, settings: ApprovalSettings, review: ChainResult | None
+    ) -> PendingItem:
         assert facts.host is not None
         now = self._clock()
         candidate = PendingItem(
@@ -325,11 +482,15 @@ class ApprovalQueue:
             last_seen=now,
             count=1,
             expires_at=now + settings.pending_ttl,
+            review=review.to_json() if review is not None else None,
+            justification=bounded_justification(facts.justification),
         )
         item, created = await self._store.join_pending(candidate)
         self._put(item)
         if created:
-            await self._store.record_approval(self._record(item, "requested"))
+            await self._store.record_approval(
+                replace(self._record(item, "requested"), review=item.review)
+            )
             self._notify(CHANNEL_PENDING, item.id)
             self._telemetry.emit(
                 ApprovalEvent(
@@ -341,6 +502,9 @@ class ApprovalQueue:
                     item.session,
                     request_id=facts.request_id,
                     traceparent=facts.traceparent,
+                    reviewer=review.final.reviewer if review is not None else None,
+                    rationale=review.summary() if review is not None else None,
+                    signals=review.signal_names if review is not None else (),
                 )
             )
         self._bus.publish("pending", self.describe(item))
@@ -415,6 +579,9 @@ class ApprovalQueue:
             await self._one_shot(item, grant_for, approver, note)
         released = self._release(item.id, verdict)
         self._notify(CHANNEL_RESOLVED, item.id)
+        self.reviewer.recent.add(
+            item.agent, RecentDecision(item.host, item.port, outcome.value, reviewer, time.time())
+        )
         if grant_for is GrantFor.ALL:
             # The same destination pending for other agents is covered by this verdict too.
             released += await self._resolve_siblings(item, verdict)
@@ -710,6 +877,52 @@ class ApprovalQueue:
             "last_seen": item.last_seen,
             "count": item.count,
             "expires_at": item.expires_at,
-            "review": item.review,
+            "review": review_json(item.review),
+            "justification": item.justification,
             "waiting": self.waiting(item.id),
         }
+
+
+def review_json(stored: str | None) -> Any:
+    """A stored review (JSON text) as the API shows it: the object, or the text if it is not
+    JSON (rows written before the review tier)."""
+    if stored is None:
+        return None
+    try:
+        return json.loads(stored)
+    except ValueError:
+        return stored
+
+
+def review_trail(record: ApprovalRecord | None) -> dict[str, Any] | None:
+    """The review trail of a decision row (`GET /v1/decisions`): the latest approval-history
+    row of its pending item or automatic review (who decided, why, the signals)."""
+    if record is None:
+        return None
+    stored = review_json(record.review)
+    trail: dict[str, Any] = {
+        "state": record.state,
+        "reviewer": record.reviewer,
+        "approver": record.approver,
+        "rationale": record.note or None,
+        "scope": record.scope.value if record.scope is not None else None,
+    }
+    if isinstance(stored, dict):
+        trail["signals"] = stored.get("signals", [])
+        trail["trail"] = stored.get("trail", [])
+    return trail
+
+
+async def with_review_trails(store: Store, rows: list[DecisionRecord]) -> list[dict[str, Any]]:
+    """Decision rows as the API shows them, each with its `review` trail (None when the row
+    was not held or reviewed; also None for all when the history cannot be read now)."""
+    ids = {r.pending_id for r in rows if r.pending_id is not None}
+    try:
+        trails = {i: review_trail(await store.latest_approval(i)) for i in ids}
+    except StoreError as exc:
+        log.warning("egress.store", error=str(exc))
+        trails = {}
+    return [
+        {**record_json(r), "review": trails.get(r.pending_id) if r.pending_id else None}
+        for r in rows
+    ]

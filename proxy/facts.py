@@ -38,6 +38,7 @@ class RequestFacts:
     invalid: Reason | None = None  # set when the request itself is refused before any rule
     invalid_detail: str = ""
     traceparent: str | None = None
+    justification: str | None = None  # X-Egress-Warden-Justification (never forwarded)
 
     @property
     def target(self) -> str:

@@ -186,6 +186,23 @@ class Gate:
         if one_shot is not None:
             admission = await self._dial_check(facts, _after_approval(one_shot))
             return replace(admission, pending_id=one_shot.pending_id)
+        reviewed = None
+        if not approvals.joins_pending(facts):
+            # The review tier first (no DNS: reviewers see the name); humans get escalations.
+            try:
+                reviewed = await approvals.auto_review(facts, self.snapshot.policy)
+            except StoreError as exc:
+                return Admission(_deny(Reason.APPROVAL_UNAVAILABLE, str(exc)))
+            if reviewed is not None and reviewed.verdict is not None:
+                auto = reviewed.verdict
+                decision = replace(
+                    _after_approval(auto),
+                    detail=f"{auto.outcome.value} by the {auto.reviewer} reviewer: {auto.note}",
+                )
+                if not decision.allowed:
+                    return Admission(decision, None, auto.pending_id)
+                admission = await self._dial_check(facts, decision)  # resolved only now
+                return replace(admission, pending_id=auto.pending_id)
         limit = approvals.limit_reached(facts, settings)
         if limit is not None:
             return Admission(_deny(Reason.APPROVAL_LIMIT, limit, Tier.FLOOR))
@@ -194,7 +211,8 @@ class Gate:
             self._emit(facts, Admission(held, None, item.id))
 
         try:
-            result = await approvals.hold(facts, settings, client_gone, on_held)
+            review = reviewed.result if reviewed is not None else None
+            result = await approvals.hold(facts, settings, client_gone, on_held, review)
         except StoreError as exc:
             # The shared queue is unreachable: keep enforcing, but hold nothing new.
             return Admission(_deny(Reason.APPROVAL_UNAVAILABLE, str(exc)))

@@ -58,7 +58,8 @@ class PendingItem:
     last_seen: float
     count: int
     expires_at: float
-    review: str | None = None  # an auto-reviewer's recommendation, when there is one
+    review: str | None = None  # the auto-review trail (JSON) that escalated it to humans
+    justification: str | None = None  # why the agent says it needs it (bounded, as sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +74,12 @@ class ApprovalRecord:
     scope: Scope | None
     grant_for: GrantFor | None
     approver: str | None
-    reviewer: str | None  # human | auto | webhook
+    reviewer: str | None  # human | auto (a policy change) | rules | webhook | llm
     note: str
     wait_ms: int | None
     at: float
     grant_id: str | None = None  # the grant an approval or denial created, if any
+    review: str | None = None  # an automatic outcome's review (JSON: reviewer, rationale, ...)
 
 
 @dataclass(frozen=True, slots=True)

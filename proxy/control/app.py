@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
-from proxy.approvals import ApprovalError, ApprovalQueue, Outcome
-from proxy.audit import AuditWriter, record_json
+from proxy.approvals import ApprovalError, ApprovalQueue, Outcome, with_review_trails
+from proxy.audit import AuditWriter
 from proxy.control.access import (
     AccessDenied,
     BootstrapToken,
@@ -377,7 +377,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
             )
         except StoreError as exc:
             raise ApiError(503, "store_unavailable", str(exc)) from exc
-        return [record_json(r) for r in rows]
+        return await with_review_trails(ctx.store, rows)
 
     @v1.get("/policy", tags=["policy"])
     async def get_policy() -> dict[str, Any]:

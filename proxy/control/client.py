@@ -398,7 +398,26 @@ def render_pending(items: list[dict[str, Any]], now: float | None = None) -> str
         "AGE",
         "EXPIRES IN",
     ]
-    return _table(headers, rows)
+    lines = _table(headers, rows).split("\n")
+    # The agent's justification and the auto-review trail, under their item when present.
+    shown = [lines[0]]
+    for line, item in zip(lines[1:], items, strict=True):
+        shown.append(line)
+        if item.get("justification"):
+            shown.append(f"    why: {_text(_clip(str(item['justification']), 200))}")
+        review = item.get("review")
+        if isinstance(review, dict):
+            trail = "; ".join(
+                f"{r.get('reviewer')}: {r.get('outcome')} ({r.get('rationale')})"
+                for r in review.get("trail", ())
+                if isinstance(r, dict)
+            )
+            shown.append(f"    review: {_text(_clip(trail, 200))}")
+    return "\n".join(shown)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def render_grants(items: list[dict[str, Any]], now: float | None = None) -> str:

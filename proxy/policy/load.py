@@ -430,6 +430,8 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                     if "max_pending_total" in section_given
                     else approval.max_pending_total
                 ),
+                review=tuple(section.review) if "review" in section_given else approval.review,
+                auto=section.auto if "auto" in section_given else approval.auto,
             )
         for agent, rules in doc.agents.items():
             if rules.default is not None or agent not in agent_defaults:

@@ -81,6 +81,9 @@ class ApprovalSettings:
     session_idle: float = 8 * 3600.0  # a session grant ends this long after it was made
     max_pending: int = 20  # new pending items beyond this per agent: 403 approval_limit
     max_pending_total: int = 1000  # ... and beyond this in all
+    # auto-review before humans (proxy/review): the reviewers in order, and what they may grant
+    review: tuple[ReviewerSection, ...] = ()
+    auto: AutoApproveSection = field(default_factory=lambda: AutoApproveSection())
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,86 @@ class NetworkSection(_Section):
     max_tunnel_lifetime: Duration | None = None  # open tunnels are closed after this long
 
 
+class EncodedLabelsSection(_Section):
+    """Labels that look like encoded data (DNS/subdomain exfiltration); see docs/auto-review.md."""
+
+    enabled: StrictBool = True
+    max_label: Annotated[StrictInt, Field(ge=8, le=63)] = 40  # a longer label is a signal
+    min_entropy: Annotated[float, Field(ge=0, le=8)] = 3.5  # bits/char, for labels >= 16 chars
+    hex_min: Annotated[StrictInt, Field(ge=8, le=63)] = 24  # a hex-only label this long
+    base32_min: Annotated[StrictInt, Field(ge=8, le=63)] = 32  # a base32-only label this long
+    max_labels: Annotated[StrictInt, Field(ge=3, le=127)] = 8  # more labels than this
+
+
+class RateSection(_Section):
+    """An agent touching more than `max_new` new destinations within `window` escalates."""
+
+    enabled: StrictBool = True
+    max_new: Annotated[StrictInt, Field(ge=1, le=100_000)] = 10
+    window: Duration = 300.0
+
+
+class RulesReviewerSection(_Section):
+    """The built-in rule reviewer (no network)."""
+
+    kind: Literal["rules"]
+    trusted: list[StrictStr] = Field(default_factory=list)  # host patterns to auto-approve
+    deny_ip_literals: StrictBool = True
+    deny_other_ports: StrictBool = True  # a port not in standard_ports is denied
+    standard_ports: list[Port] = Field(default_factory=lambda: [80, 443])
+    lookalikes: StrictBool = True
+    encoded: EncodedLabelsSection = Field(default_factory=EncodedLabelsSection)
+    risky_tlds: list[StrictStr] = Field(default_factory=list)
+    categories: dict[StrictStr, list[StrictStr]] = Field(default_factory=dict)  # name: patterns
+    rate: RateSection = Field(default_factory=RateSection)
+    otherwise: Literal["escalate", "approve"] = "escalate"  # no signal either way
+
+    @model_validator(mode="after")
+    def _check_patterns(self) -> RulesReviewerSection:
+        from proxy.policy.match import parse_pattern  # match imports this module
+
+        for pattern in [*self.trusted, *(p for ps in self.categories.values() for p in ps)]:
+            parse_pattern(pattern)  # a ValueError names the pattern and what is wrong
+        return self
+
+
+class WebhookReviewerSection(_Section):
+    """POST a review request to `url`; timeout, error or a malformed answer escalates."""
+
+    kind: Literal["webhook"]
+    url: StrictStr
+    timeout: Duration = 5.0
+    headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+
+
+class LlmReviewerSection(_Section):
+    """An OpenAI-compatible chat-completions endpoint; anything but a valid answer escalates."""
+
+    kind: Literal["llm"]
+    url: StrictStr  # the API base, e.g. http://127.0.0.1:8000/v1
+    model: StrictStr
+    api_key_env: StrictStr | None = None  # the variable holding the API key
+    timeout: Duration = 15.0
+    enabled: StrictBool = True
+
+
+ReviewerSection = Annotated[
+    RulesReviewerSection | WebhookReviewerSection | LlmReviewerSection,
+    Field(discriminator="kind"),
+]
+
+
+class AutoApproveSection(_Section):
+    """What an automatic approval may grant: at most `scope`, for the agent or for all (an
+    anonymous caller is granted more than `once` only under `for: all`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: StrictBool = True
+    scope: Scope = Scope.SESSION
+    grant_for: Literal["agent", "all"] = Field(default="agent", alias="for")
+
+
 class ApprovalSection(_Section):
     wait: Duration = 30.0
     pending_ttl: Duration = 3600.0
@@ -244,6 +327,8 @@ class ApprovalSection(_Section):
     max_pending: Annotated[StrictInt, Field(ge=1, le=100_000)] = 20
     max_pending_total: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1000
     scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)
+    review: list[ReviewerSection] = Field(default_factory=list)
+    auto: AutoApproveSection = Field(default_factory=AutoApproveSection)
 
 
 class InspectSection(_Section):

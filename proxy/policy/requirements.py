@@ -10,12 +10,14 @@ from proxy.policy.load import PolicyErrors, load_policies, load_policy_file, mer
 from proxy.policy.match import RuleSet
 from proxy.policy.model import (
     AgentPolicy,
+    AutoApproveSection,
     DefaultAction,
     EffectivePolicy,
     Floor,
     Mode,
     PolicyDocument,
     RequirementsFile,
+    Scope,
     min_default,
 )
 
@@ -98,6 +100,8 @@ def apply_requirements(
         if not kept:
             kept = allowed
         approval = replace(approval, scopes=kept)
+    if "approval" in given and "auto" in spec.approval.model_fields_set:
+        approval = replace(approval, auto=_cap_auto(approval.auto, spec.approval.auto, warnings))
 
     ports, block_private = policy.ports, policy.block_private
     if "network" in given:
@@ -179,3 +183,26 @@ def load_effective(
     if requirements is None:
         return policy, []
     return apply_requirements(policy, requirements)
+
+
+_SCOPE_ORDER = (Scope.ONCE, Scope.SESSION, Scope.ALWAYS)
+
+
+def _cap_auto(
+    auto: AutoApproveSection, cap: AutoApproveSection, warnings: list[str]
+) -> AutoApproveSection:
+    """The requirements' `approval.auto` caps the policy's: it may forbid automatic approval,
+    lower its scope and narrow `for: all` to `for: agent`."""
+    given = cap.model_fields_set
+    enabled = auto.enabled and ("enabled" not in given or cap.enabled)
+    if auto.enabled and not enabled:
+        warnings.append("approval.auto: automatic approval forbidden by the requirements")
+    scope = auto.scope
+    if "scope" in given and _SCOPE_ORDER.index(cap.scope) < _SCOPE_ORDER.index(scope):
+        warnings.append(f"approval.auto.scope: capped to {cap.scope.value!r} by the requirements")
+        scope = cap.scope
+    grant_for = auto.grant_for
+    if "grant_for" in given and cap.grant_for == "agent" and grant_for == "all":
+        warnings.append("approval.auto.for: capped to 'agent' by the requirements")
+        grant_for = "agent"
+    return AutoApproveSection.model_validate({"enabled": enabled, "scope": scope, "for": grant_for})

@@ -143,6 +143,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         description="decision audit kept per agent: index by (agent, seq)",
         statements=("CREATE INDEX decisions_agent_seq ON decisions (agent, seq)",),
     ),
+    Migration(
+        version=4,
+        description="auto-review: the agent's justification on pending items, reviews on approvals",
+        statements=(
+            "ALTER TABLE pending ADD COLUMN justification TEXT",
+            "ALTER TABLE approvals ADD COLUMN review TEXT",
+        ),
+    ),
 )
 
 LATEST_VERSION: int = MIGRATIONS[-1].version

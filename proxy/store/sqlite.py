@@ -43,13 +43,13 @@ _SIDE_FILES = ("-wal", "-shm", "-journal")  # files SQLite keeps next to the dat
 _GRANT_COLS = "id, pattern, action, scope, agent, created_by, note, created_at, expires_at, session"
 _PENDING_COLS = (
     "id, host, port, scheme, method, agent, session, first_seen, last_seen, count, "
-    "expires_at, review"
+    "expires_at, review, justification"
 )
 # What a write stores: the read columns plus the normalised uniqueness key (see migration 2).
 _PENDING_WRITE_COLS = f"{_PENDING_COLS}, agent_key"
 _APPROVAL_COLS = (
     "id, state, host, port, agent, scope, grant_for, approver, reviewer, note, wait_ms, at, "
-    "grant_id"
+    "grant_id, review"
 )
 _DECISION_COLS = (
     "request_id, at, decision, reason, host, port, method, transport, agent, session, rule, "
@@ -142,6 +142,10 @@ def _pending_join_sql() -> str:
                 for c in ("id", "scheme", "method", "agent", "session", "first_seen", "review")
             ),
             "last_seen = excluded.last_seen",
+            # the latest reason an agent gave wins (a retry may add one)
+            f"justification = CASE WHEN {live} THEN "
+            "COALESCE(excluded.justification, pending.justification) "
+            "ELSE excluded.justification END",
             f"count = CASE WHEN {live} THEN pending.count + 1 ELSE excluded.count END",
             # max() is spelt GREATEST() in PostgreSQL; CASE is portable.
             f"expires_at = CASE WHEN {live} AND pending.expires_at > excluded.expires_at "
@@ -235,6 +239,7 @@ def _pending_params(p: PendingItem) -> tuple[Any, ...]:
             p.count,
             p.expires_at,
             p.review,
+            p.justification,
             _agent_key(p.agent),
         )
     )
@@ -254,6 +259,7 @@ def _pending_from(r: Row) -> PendingItem:
         count=r[9],
         expires_at=r[10],
         review=r[11],
+        justification=r[12],
     )
 
 
@@ -273,6 +279,7 @@ def _approval_params(a: ApprovalRecord) -> tuple[Any, ...]:
             a.wait_ms,
             a.at,
             a.grant_id,
+            a.review,
         )
     )
 
@@ -292,6 +299,7 @@ def _approval_from(r: Row) -> ApprovalRecord:
         wait_ms=r[10],
         at=r[11],
         grant_id=r[12],
+        review=r[13],
     )
 
 

@@ -89,12 +89,14 @@ class ApprovalEvent:
     session: str | None = None
     scope: str | None = None
     grant_for: str | None = None
-    reviewer: str | None = None  # human | auto | webhook
+    reviewer: str | None = None  # human | auto (policy change) | rules | webhook | llm
     approver: str | None = None
     wait_ms: int | None = None
     note: str | None = None
     request_id: str | None = None
     traceparent: str | None = None
+    rationale: str | None = None  # an auto-reviewer's stated reason
+    signals: tuple[str, ...] = ()  # the review signals it used
 
     name = "egress.approval"
 
@@ -115,6 +117,8 @@ class ApprovalEvent:
             "egress.approval.wait_ms": self.wait_ms,
             "egress.approval.note": self.note or None,
             "egress.request_id": self.request_id,
+            "egress.approval.rationale": self.rationale,
+            "egress.approval.signals": list(self.signals) if self.signals else None,
         }
         attrs.update({k: v for k, v in optional.items() if v is not None})
         return attrs
