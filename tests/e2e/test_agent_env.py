@@ -12,6 +12,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,55 @@ def test_the_documented_proxy_url_form_authenticates_in_curl(rig: Rig) -> None:
     rig.seen("/cred-tilde2")
     raw = curl("-x", f"http://{AGENT}/{SESSION}:{rig.token}@127.0.0.1:{port}", url + "3")
     assert raw.returncode != 0
+
+
+def _direct(rig: Rig, tool: str, proxy_url: str) -> tuple[list[str], str]:
+    """`tool` given the proxy URL explicitly (no exec): its command and the path it asks for."""
+    http = f"http://allowed.test:{rig.upstreams.http.port}"
+    if tool == "git":
+        repo = f"http://allowed.test:{rig.git.port}/demo.git"
+        return ["git", "-c", f"http.proxy={proxy_url}", "ls-remote", repo], "/demo.git/info/refs"
+    if tool == "pip":
+        index = f"http://allowed.test:{rig.index.port}/simple/"
+        dest = str(rig.tmp / "pip-direct")
+        return [
+            *(PY, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--proxy", proxy_url),
+            *("--index-url", index, "--trusted-host", "allowed.test", "-d", dest, "demo-pkg"),
+        ], "/simple/demo-pkg/"
+    code = {
+        "requests": "import requests, sys; r = requests.get(sys.argv[1], proxies="
+        "{'http': sys.argv[2]}, timeout=30); r.raise_for_status()",
+        "httpx": "import httpx, sys; r = httpx.get(sys.argv[1], proxy=sys.argv[2], timeout=30);"
+        " r.raise_for_status()",
+        "urllib": "import sys, urllib.request as u; u.build_opener(u.ProxyHandler("
+        "{'http': sys.argv[2]})).open(sys.argv[1], timeout=30).read()",
+    }
+    if tool == "node":
+        if NODE is None:
+            pytest.skip("node is not installed")
+        return [
+            NODE,
+            "-e",
+            f"process.env.HTTP_PROXY = {proxy_url!r};\n{_NODE}",
+            http + "/node-direct",
+        ], "/node-direct"
+    return [PY, "-c", code[tool], f"{http}/{tool}-direct", proxy_url], f"/{tool}-direct"
+
+
+@pytest.mark.parametrize("tool", ["git", "pip", "requests", "httpx", "urllib", "node"])
+def test_the_documented_form_authenticates_in_each_tool(rig: Rig, tool: str) -> None:
+    proxy_url = f"http://{AGENT}~{SESSION}:{rig.token}@127.0.0.1:{rig.proxy.proxy_port}"
+    command, path = _direct(rig, tool, proxy_url)
+    match = {"url.path": path, "egress.agent.id": AGENT, "session.id": SESSION}
+    before = len(rig.proxy.decisions(**match))
+    result = subprocess.run(
+        command, env=_clean_env(rig.tmp), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + 5
+    while len(rig.proxy.decisions(**match)) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(rig.proxy.decisions(**match)) > before
 
 
 def test_a_wrong_token_is_refused_through_exec(rig: Rig) -> None:
