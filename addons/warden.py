@@ -503,7 +503,7 @@ class EgressWarden:
         assert facts.host is not None and admission.address is not None
         # A host under `inspect:` is intercepted here as through CONNECT, so its method and
         # path rules cannot be bypassed by asking over SOCKS.
-        inspect = admission.inspect or self.gate.policy.inspect_rule(facts.host, facts.port)
+        inspect = admission.inspect
         self._close_tunnel(self._tunnels.pop(data.client.id, None))
         self._tunnels[data.client.id] = _Tunnel(
             facts,

@@ -57,6 +57,8 @@ class Admission:
 def _after_approval(verdict: ApprovalVerdict) -> Decision:
     source = verdict.grant_id or f"approval:{verdict.pending_id}"
     detail = f"{verdict.outcome.value} by {verdict.approver} (scope {verdict.scope.value})"
+    if verdict.note:
+        detail += f": {verdict.note}"  # the approver's words reach the agent
     if verdict.outcome is Outcome.APPROVED:
         return Decision(Verdict.ALLOW, Reason.APPROVED, None, source, detail)
     return Decision(Verdict.DENY, Reason.APPROVAL_DENIED, None, source, detail, Tier.FLOOR)
@@ -139,7 +141,7 @@ class Gate:
             # The rules changed between the passes: a miss is never dialled unapproved.
             return Admission(final, address)
         inspect = None
-        if final.allowed and facts.transport is Transport.HTTPS_CONNECT:
+        if final.allowed and facts.transport in (Transport.HTTPS_CONNECT, Transport.SOCKS5):
             inspect = snap.policy.inspect_rule(facts.host, facts.port)
         return Admission(final, address, inspect=inspect)
 

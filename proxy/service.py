@@ -170,7 +170,9 @@ class PolicyReloader:
     def watched(self) -> list[Path]:
         policy = self._gate.snapshot.policy
         agents = agents_path(self._cfg, policy) or self._cfg.state_dir / "agents.yaml"
-        return [*self._policy_paths(), agents]
+        # Included files (presets) are watched too: editing one reloads like its includer.
+        included = [Path(f) for f in policy.files if Path(f) not in self._policy_paths()]
+        return [*self._policy_paths(), *dict.fromkeys(included), agents]
 
     def effective(self, policy: EffectivePolicy, warnings: list[str]) -> EffectivePolicy:
         if self._cfg.mode is None or self._cfg.mode is policy.mode:
