@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ def _print_policy_errors(errors: PolicyErrors) -> None:
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
     status = 0
+    results: list[dict[str, object]] = []
     for path in args.files:
         try:
             if args.requirements:
@@ -50,11 +52,22 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
             else:
                 load_policies([Path(path)])
         except PolicyErrors as errors:
-            _print_policy_errors(errors)
             status = 2
+            if args.json:
+                results.append({"file": path, "ok": False, "errors": _error_json(errors)})
+            else:
+                _print_policy_errors(errors)
         else:
-            print(f"{path}: ok")
+            results.append({"file": path, "ok": True, "errors": []})
+            if not args.json:
+                print(f"{path}: ok")
+    if args.json:
+        print(json.dumps(results, indent=2))
     return status
+
+
+def _error_json(errors: PolicyErrors) -> list[dict[str, object]]:
+    return [{"file": e.file, "line": e.line, "message": e.message} for e in errors.errors]
 
 
 async def _dry_run(
@@ -91,6 +104,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     except (BadURL, ValueError) as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        answer = {
+            "decision": decision.verdict.value,
+            "reason": decision.reason.value,
+            "rule": decision.rule,
+            "source": decision.source,
+            "detail": decision.detail,
+        }
+        print(json.dumps(answer, indent=2))
+        return EXIT_FOR_VERDICT[decision.verdict]
     print(f"decision: {decision.verdict.value}")
     print(f"reason:   {decision.reason.value}")
     print(
@@ -284,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--agent")
     check.add_argument("--policy", action="append", default=[], metavar="FILE")
     check.add_argument("--requirements", metavar="FILE")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument("--resolve", action="append", default=[], metavar="HOST:IP")
     check.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]")
     check.add_argument(
@@ -300,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--requirements", action="store_true", help="validate as requirements files"
     )
+    validate.add_argument("--json", action="store_true", help="print results as JSON")
     validate.set_defaults(func=cmd_policy_validate)
     add_suggest_command(policy_sub)
 
