@@ -186,6 +186,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else Path(args.state_dir) / "agents.yaml"
     try:
         registry = AgentRegistry.load(path)
+        if args.json:
+            return _agents_json(registry, args, path)
         if args.agents_command == "add":
             token = registry.add(args.agent_id)
             print(f"agent {args.agent_id} added to {path}; its token (shown only once):")
@@ -213,10 +215,24 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agents_json(registry: AgentRegistry, args: argparse.Namespace, path: Path) -> int:
+    """`agents ... --json`: the same answers as objects (`add` carries the token, once)."""
+    if args.agents_command == "add":
+        token = registry.add(args.agent_id)
+        answer: object = {"agent": args.agent_id, "token": token, "file": str(path)}
+    elif args.agents_command == "revoke":
+        revoked = registry.revoke(args.agent_id)
+        answer = {"agent": args.agent_id, "revoked": revoked, "file": str(path)}
+    else:
+        answer = [{"agent": e.agent, "created_at": e.created_at} for e in registry.entries()]
+    print(json.dumps(answer, indent=2))
+    return 1 if args.agents_command == "revoke" and not revoked else 0
+
+
 def cmd_ca(args: argparse.Namespace) -> int:
     cert = (Path(args.state_dir) / "ca" / "mitmproxy-ca-cert.pem").resolve()
     if args.what == "path":
-        print(cert)
+        print(json.dumps({"path": str(cert), "exists": cert.exists()}) if args.json else cert)
     else:
         # A bundle of the system roots plus the proxy CA: the CA alone would fail every
         # HTTPS host that is not inspected (those are tunnelled, not re-signed).
@@ -331,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the interception CA certificate")
     ca.add_argument("what", choices=["path", "env"])
     ca.add_argument("--state-dir", default=".state", metavar="DIR")
+    ca.add_argument(
+        "--json", action="store_true", help="`ca path` as JSON (`ca env`: --shell json)"
+    )
     ca.add_argument("--shell", choices=[s.value for s in Shell], default=Shell.SH.value)
     ca.add_argument(
         "--ca-bundle-base",
@@ -353,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("agent_id", metavar="ID")
         p.add_argument("--file", metavar="FILE", help="agents file (default <state>/agents.yaml)")
         p.add_argument("--state-dir", default=".state", metavar="DIR")
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
         p.set_defaults(func=cmd_agents)
 
     add_client_commands(sub)

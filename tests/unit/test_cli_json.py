@@ -34,3 +34,15 @@ def test_policy_validate_json_lists_every_error_with_its_line(
     results = json.loads(capsys.readouterr().out)
     assert [r["ok"] for r in results] == [True, False]
     assert {e["line"] for e in results[1]["errors"]} == {2, 3}
+
+
+def test_agents_json_add_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    agents = str(tmp_path / "agents.yaml")
+    assert main(["agents", "add", "bot", "--file", agents, "--json"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert added["agent"] == "bot" and len(added["token"]) > 30
+    assert main(["agents", "list", "--file", agents, "--json"]) == 0
+    assert [a["agent"] for a in json.loads(capsys.readouterr().out)] == ["bot"]
+    assert main(["agents", "revoke", "bot", "--file", agents, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] is True
+    assert main(["agents", "revoke", "bot", "--file", agents, "--json"]) == 1
