@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
-from proxy.approvals import ApprovalError, ApprovalQueue, Outcome, with_review_trails
+from proxy.approvals import (
+    ApprovalError,
+    ApprovalErrorCode,
+    ApprovalQueue,
+    Outcome,
+    with_review_trails,
+)
 from proxy.audit import AuditWriter
 from proxy.control.access import (
     AccessDenied,
@@ -108,6 +114,15 @@ class CheckBody(_Body):
 
 
 # -- rendering ------------------------------------------------------------------------------
+
+
+# The approval core's error codes as HTTP statuses (the core knows no HTTP).
+APPROVAL_ERROR_STATUS: dict[ApprovalErrorCode, int] = {
+    ApprovalErrorCode.NOT_FOUND: 404,
+    ApprovalErrorCode.SCOPE_NOT_ALLOWED: 422,
+    ApprovalErrorCode.FOR_AGENT_WITHOUT_AGENT: 422,
+    ApprovalErrorCode.STORE_UNAVAILABLE: 503,
+}
 
 
 def grant_json(grant: Grant) -> dict[str, Any]:
@@ -221,7 +236,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
 
     @app.exception_handler(ApprovalError)
     async def _approval_error(_request: Request, exc: ApprovalError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail)
+        return _error(APPROVAL_ERROR_STATUS[exc.code], exc.code, exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,0 +1,137 @@
+"""Grants made by approvals: stored first (the store is what every worker and replica
+enforces), then announced; `once` passes for a retry; revocation everywhere."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+from proxy.approvals.fleet import FleetChannel, FleetMessage, MessageKind
+from proxy.approvals.model import Outcome, Verdict, grant_pattern
+from proxy.grants import GrantIndex
+from proxy.policy.model import Action, Scope
+from proxy.records import Grant, GrantFor, PendingItem
+from proxy.store import Store, StoreError
+
+
+class GrantKeeper:
+    """The grants side of approvals, over the store, the local index and the fleet channel."""
+
+    def __init__(
+        self, store: Store, index: GrantIndex, fleet: FleetChannel, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self.index = index
+        self._fleet = fleet
+        self._clock = clock
+        self._seen: tuple[int, float, str] | None = None  # the store's grants signature
+
+    def build(
+        self,
+        *,
+        host: str,
+        port: int,
+        agent: str | None,
+        session: str | None,
+        action: Action,
+        scope: Scope,
+        grant_for: GrantFor,
+        approver: str,
+        note: str,
+        session_ttl: float,
+    ) -> Grant:
+        """A grant for exactly host:port, for `agent` (or all), of `scope`."""
+        for_agent = grant_for is GrantFor.AGENT
+        now = self._clock()
+        return Grant(
+            id="g-" + secrets.token_hex(6),
+            pattern=grant_pattern(host, port),
+            action=action,
+            scope=scope,
+            agent=agent if for_agent else None,
+            session=session if for_agent and scope is Scope.SESSION else None,
+            created_by=approver,
+            note=note,
+            created_at=now,
+            expires_at=now + session_ttl if scope is Scope.SESSION else None,
+        )
+
+    async def add(self, grant: Grant) -> None:
+        """Store a grant of any scope, then tell the replicas at once (they also poll)."""
+        await self._store.add_grant(grant)
+        self.index.add(grant)
+        self._fleet.publish(FleetMessage(MessageKind.GRANTS_CHANGED))
+
+    async def revoke(self, grant_id: str) -> bool:
+        """Remove a grant everywhere; False when no replica knew it."""
+        local = self.index.remove(grant_id)
+        stored = await self._store.delete_grant(grant_id)
+        self._fleet.publish(FleetMessage(MessageKind.GRANT_REVOKED, grant_id))
+        return local is not None or stored
+
+    def forget(self, grant_id: str) -> None:
+        """Another replica revoked or used up `grant_id`."""
+        self.index.remove(grant_id)
+
+    # -- once passes -----------------------------------------------------------------------
+
+    async def store_once(
+        self, item: PendingItem, grant_for: GrantFor, approver: str, note: str
+    ) -> None:
+        """A `once` approval nobody waited for: the agent's next retry gets through, once.
+        Stored before any other replica hears of the approval, so a request released there
+        uses it up."""
+        grant = Grant(
+            id=f"once-{item.id}",
+            pattern=grant_pattern(item.host, item.port),
+            action=Action.ALLOW,
+            scope=Scope.ONCE,
+            agent=item.agent if grant_for is GrantFor.AGENT else None,
+            created_by=approver,
+            note=note,
+            created_at=self._clock(),
+            expires_at=item.expires_at,
+        )
+        await self.add(grant)
+
+    async def take_once(self, agent: str | None, host: str, port: int) -> Verdict | None:
+        """Use up a `once` pass for this destination, if there is one (exactly one request
+        gets through, whichever worker or replica it reaches)."""
+        for grant in self.index.once_for(agent, grant_pattern(host, port)):
+            try:
+                won = await self._store.consume_grant(grant.id)
+            except StoreError:
+                return None
+            self.index.remove(grant.id)
+            if won:
+                self._fleet.publish(FleetMessage(MessageKind.GRANT_REVOKED, grant.id))
+                return Verdict(
+                    Outcome.APPROVED,
+                    grant.id.removeprefix("once-"),
+                    Scope.ONCE,
+                    GrantFor.AGENT if grant.agent is not None else GrantFor.ALL,
+                    grant.created_by,
+                    "human",
+                    grant.note,
+                    grant.id,
+                )
+        return None
+
+    async def use_up_once(self, item_id: str) -> None:
+        """Requests released here were the `once` another replica approved: its pass is spent."""
+        await self._store.consume_grant(f"once-{item_id}")
+        self.index.remove(f"once-{item_id}")
+
+    # -- keeping in step -------------------------------------------------------------------
+
+    async def resync(self) -> None:
+        self._seen = await self._store.grants_signature()
+        self.index.replace_persisted(await self._store.list_grants())
+
+    async def poll(self) -> bool:
+        """Re-read the grants when the store's signature moved (another worker or replica
+        added, revoked or used one up); one small query when nothing changed."""
+        if await self._store.grants_signature() == self._seen:
+            return False
+        await self.resync()
+        return True
