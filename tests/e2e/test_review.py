@@ -18,12 +18,13 @@ import httpx
 import pytest
 
 from proxy.agents import AgentRegistry
+from proxy.hosts import canonicalize_host
 from tests.conftest import ALLOWED_IP, Upstreams
 from tests.support.clients import raw_request
 from tests.support.control import TOKEN, TOKEN_ENV, api, approve
 from tests.support.dns import DnsServer
 from tests.support.proxy import REPO, ProxyProcess, start_proxy
-from tests.support.review_servers import ReviewServer, start_webhook
+from tests.support.review_servers import ReviewServer, start_chat_completions, start_webhook
 
 pytestmark = pytest.mark.e2e
 
@@ -458,8 +459,6 @@ BAD = [
 
 
 def _connect(proxy: ProxyProcess, host: str, auth: tuple[str, str], port: int = 443) -> int:
-    from proxy.hosts import canonicalize_host
-
     name = canonicalize_host(host).name
     credentials = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     head = (
@@ -472,8 +471,6 @@ def _connect(proxy: ProxyProcess, host: str, auth: tuple[str, str], port: int = 
 def test_typical_agent_session_with_the_shipped_policy(
     tmp_path: Path, tokens: tuple[Path, dict[str, str]]
 ) -> None:
-    from proxy.hosts import canonicalize_host
-
     names = [canonicalize_host(n).name for n in [*ROUTINE, *ODD, *BAD]]
     overlay = tmp_path / "local.yaml"
     # the local overlay: short holds for the test, and the test's upstream address allowed
@@ -519,3 +516,55 @@ def test_typical_agent_session_with_the_shipped_policy(
                 assert not dns.queried(canonicalize_host(host).name), host
         finally:
             proc.stop()
+
+
+def test_llm_reviewer_through_the_proxy(
+    upstreams: Upstreams, tmp_path: Path, tokens: tuple[Path, dict[str, str]]
+) -> None:
+    chat = start_chat_completions()
+    chat.slow = 3.0
+    names = ["approve.llm.test", "deny.llm.test", "garbage.llm.test", "refuse.llm.test"]
+    port = upstreams.http.port
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"""\
+version: 1
+default: ask
+allow: [{ALLOWED_IP}/32]
+network: {{ports: [{port}]}}
+approval:
+  wait: 200ms
+  review:
+    - {{kind: rules, standard_ports: [{port}]}}
+    - {{kind: llm, url: "{chat.url}/v1", model: local-test, timeout: 1s}}
+"""
+    )
+    with DnsServer(dict.fromkeys(names, ALLOWED_IP)) as dns:
+        proc = start_proxy(
+            tmp_path / "state",
+            [policy],
+            "--agents",
+            str(tokens[0]),
+            "--nameserver",
+            f"{dns.host}:{dns.port}",
+            env=TOKEN_ENV,
+        )
+        try:
+            alice = _alice(tokens)
+            assert _get(proc, _url(upstreams, "approve.llm.test"), alice).status_code == 200
+            denied = _get(proc, _url(upstreams, "deny.llm.test"), alice)
+            assert denied.headers["x-egress-warden-reason"] == "approval_denied"
+            for host in ("garbage.llm.test", "refuse.llm.test"):
+                assert _get(proc, _url(upstreams, host), alice).status_code == 403
+            assert sorted(i["host"] for i in _pending(proc)) == [
+                "garbage.llm.test",
+                "refuse.llm.test",
+            ]
+            event = _approval_events(proc, "approve.llm.test")[-1]
+            assert event["egress.approval.reviewer"] == "llm"
+            assert event["egress.approval.state"] == "approved"
+            asked = [r["body"]["model"] for r in chat.received]
+            assert asked and set(asked) == {"local-test"}
+        finally:
+            proc.stop()
+            chat.close()
