@@ -30,20 +30,6 @@ class ApprovalError(Exception):
         super().__init__(detail)
         self.code, self.detail = code, detail
 
-    @property
-    def status(self) -> int:
-        """Deprecated: the control API maps codes itself (`APPROVAL_ERROR_STATUS` in
-        proxy/control/app.py). Kept only while tests/unit/test_identity.py still reads it."""
-        return _LEGACY_STATUS[self.code]
-
-
-_LEGACY_STATUS = {
-    ApprovalErrorCode.NOT_FOUND: 404,
-    ApprovalErrorCode.SCOPE_NOT_ALLOWED: 422,
-    ApprovalErrorCode.FOR_AGENT_WITHOUT_AGENT: 422,
-    ApprovalErrorCode.STORE_UNAVAILABLE: 503,
-}
-
 
 class Outcome(StrEnum):
     APPROVED = "approved"
