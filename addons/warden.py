@@ -17,6 +17,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.modes import Socks5AuthData
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from addons.credentials import CredentialGuard
 from addons.socks import SocksConnectData
 from proxy.auth import INVALID_CREDENTIALS, Caller
 from proxy.facts import RequestFacts, Transport
@@ -220,6 +221,8 @@ class EgressWarden:
         self.gate = gate
         # Closes a client connection (and its upstream) by client id; set by the runtime.
         self._close_client = close_client or (lambda _client_id: None)
+        # Brokered secrets and credential scanning (a hit in a streamed body closes the client).
+        self._credentials = CredentialGuard(gate, self._close_client)
         self._checked = gate.version
         self._watcher: asyncio.Task[None] | None = None
         # This instance's token in `Via`: a request that carries it has come round in a loop.
@@ -392,11 +395,17 @@ class EgressWarden:
             justification=justification,
         )
         flow.metadata["egress.request_id"] = facts.request_id
+        if facts.invalid is None:
+            refused = await self._credentials.check_head(flow, facts, inspected=False)
+            if refused is not None:
+                _refuse(flow, refused, facts, self.gate.policy)
+                return
         admission = await self.gate.admit(facts, _client_gone(flow.client_conn))
         if not admission.allowed:
             _refuse(flow, admission, facts, self.gate.policy)
             return
         _start_meter(flow, facts)
+        self._credentials.hold_body(flow)
         request.headers.add("Via", self._via)
         assert admission.address is not None
         address = str(admission.address)
@@ -434,11 +443,18 @@ class EgressWarden:
             invalid_detail=detail,
             traceparent=request.headers.get("traceparent") or tunnel.traceparent,
         )
+        if invalid is None:
+            refused = await self._credentials.check_head(flow, facts, inspected=True)
+            if refused is not None:
+                _refuse(flow, refused, facts, self.gate.policy)
+                return
         admission = await self.gate.admit_inspected(facts)
         if not admission.allowed:
             _refuse(flow, admission, facts, self.gate.policy)
             return
+        self._credentials.swap(flow, facts)
         _start_meter(flow, facts)
+        self._credentials.hold_body(flow)
 
     @staticmethod
     def _check_host_header(request: http.Request) -> tuple[Reason | None, str]:
@@ -514,7 +530,11 @@ class EgressWarden:
         )
         data.allowed = True
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
+        refused = await self._credentials.check_body(flow)
+        if refused is not None:
+            _refuse(flow, refused[0], refused[1], self.gate.policy)
+            return
         meter = flow.metadata.get("egress.meter")
         if isinstance(meter, _Meter) and not callable(flow.request.stream):
             meter.sent += len(flow.request.raw_content or b"")

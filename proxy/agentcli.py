@@ -21,6 +21,7 @@ from proxy.identity import valid_id
 from proxy.isolate import IsolationError, check_isolation_available, run_isolated
 from proxy.policy.load import PolicyErrors
 from proxy.policy.requirements import load_effective
+from proxy.secrets.broker import agent_variables, load_or_create_key
 from proxy.trustbundle import TrustBundleError, write_trust_bundle
 
 DEFAULT_POLICY = Path("policies/default.yaml")
@@ -81,7 +82,24 @@ def build_environment(args: argparse.Namespace, proxy_url: str | None = None) ->
         base = Path(args.ca_bundle_base) if args.ca_bundle_base else None
         trust = write_trust_bundle(Path(args.state_dir), base)
     endpoint = parse_proxy(proxy_url or args.proxy)
-    return agent_environment(endpoint, args.agent, args.session, token, trust)
+    env = agent_environment(endpoint, args.agent, args.session, token, trust)
+    if getattr(args, "secrets", False):
+        env.update(_secret_variables(args))
+    return env
+
+
+def _secret_variables(args: argparse.Namespace) -> dict[str, str]:
+    """`--secrets`: the agent's placeholders for the policy's brokered secrets (never a value)."""
+    files = [Path(p) for p in args.policy] or [DEFAULT_POLICY]
+    requirements = Path(args.requirements) if args.requirements else None
+    policy, _warnings = load_effective(files, requirements)
+    if not policy.secrets:
+        return {}
+    try:
+        key = load_or_create_key(Path(args.state_dir))
+    except OSError as exc:
+        raise UsageError(f"placeholder key in {args.state_dir}: {exc}") from None
+    return agent_variables(key, args.agent, policy.secrets)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -161,6 +179,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         choices=["auto", "always", "never"],
         default="auto",
         help="CA variables: when the policy inspects (auto), always or never",
+    )
+    p.add_argument(
+        "--secrets",
+        action="store_true",
+        help="add the agent's placeholders for the policy's brokered secrets (NAME=ewph_...)",
     )
     p.add_argument(
         "--ca-bundle-base",

@@ -22,9 +22,10 @@ from proxy.hosts import InvalidHost, IPAddress, canonicalize_host
 from proxy.identity import Identity
 from proxy.inspection import decide_inspected
 from proxy.netguard import NetGuard
-from proxy.policy.model import EffectivePolicy, InspectRule
+from proxy.policy.model import EffectivePolicy, InspectRule, ScanMode
 from proxy.records import PendingItem
 from proxy.resolve import ResolutionError, Resolver
+from proxy.secrets import Finding
 from proxy.store import StoreError
 from proxy.telemetry import DecisionEvent, Telemetry
 from proxy.verdicts import Decision, Reason, Tier, Verdict
@@ -259,6 +260,41 @@ class Gate:
             else:
                 decision = apply_mode(
                     decide_inspected(rule, facts.method, facts.path or "/"), snap.policy
+                )
+        if decision.allowed:
+            return self._emit(facts, Admission(decision))
+        return await self._refused(facts, Admission(decision))
+
+    async def admit_secrets(
+        self, facts: RequestFacts, finding: Finding, scan: ScanMode = ScanMode.ENFORCE
+    ) -> Admission:
+        """What the edge found in an admitted request's content (`proxy.secrets`): a placeholder
+        on its way to another host is refused `secret_misuse` (never relaxed); a credential for
+        another host `secret_detected` (audit mode and `scan: report` only report it). Emits one
+        event, which names the secret's id or the detector, never a value."""
+        if finding.reason is Reason.SECRET_MISUSE:
+            decision = Decision(
+                Verdict.DENY,
+                Reason.SECRET_MISUSE,
+                finding.subject,
+                finding.source,
+                f"placeholder of secret {finding.subject} in the {finding.where}",
+                Tier.GUARD,
+            )
+        else:
+            rule = None if facts.host is None else self.policy.inspect_rule(facts.host, facts.port)
+            decision = Decision(
+                Verdict.DENY,
+                Reason.SECRET_DETECTED,
+                finding.subject,
+                rule.source if rule is not None else None,
+                f"{finding.subject} in the {finding.where}",
+                Tier.POLICY,
+            )
+            decision = apply_mode(decision, self.policy)
+            if scan is ScanMode.REPORT and not decision.allowed:
+                decision = replace(
+                    decision, verdict=Verdict.ALLOW, detail=decision.detail + " (scan: report)"
                 )
         if decision.allowed:
             return self._emit(facts, Admission(decision))

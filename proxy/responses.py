@@ -46,6 +46,8 @@ NEVER_APPROVABLE: frozenset[Reason] = frozenset(
         Reason.INVALID_HOST,
         Reason.INVALID_REQUEST,
         Reason.INVALID_METHOD,
+        Reason.SECRET_MISUSE,
+        Reason.SECRET_DETECTED,
     }
 )
 
@@ -247,6 +249,20 @@ def help_text(
             return (
                 f"The request is malformed ({detail or decision.reason.value}). Fix the request; "
                 "one like this is always refused."
+            )
+        case Reason.SECRET_MISUSE:
+            return (
+                f"The request to {target} carries the placeholder of a brokered secret "
+                f"({detail or 'placeholder'}). A placeholder is only exchanged for the real "
+                "credential on the hosts that secret belongs to; anywhere else it is refused, "
+                "and retrying will be refused the same way. Send it only to its own service."
+            )
+        case Reason.SECRET_DETECTED:
+            return (
+                f"The request to {target} appears to carry a credential ({detail or 'detected'}) "
+                "and this host is not where that kind of credential belongs. Nothing was sent. "
+                "Remove the credential from the request; if it is a false positive, tell your "
+                "user (an inspect rule's `scan: report` or `off` relaxes this host)."
             )
         case Reason.METHOD:
             rule = f" ({decision.source})" if decision.source else ""

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     APPROVAL_LIMIT = "approval_limit"
     AUTH_REQUIRED = "auth_required"
     REVOKED = "revoked"  # an open tunnel closed: what admitted it was revoked, or it aged out
+    SECRET_MISUSE = "secret_misuse"  # a brokered secret's placeholder on its way to another host
+    SECRET_DETECTED = "secret_detected"  # a real credential on its way to a host not its owner
 
 
 class Tier(StrEnum):

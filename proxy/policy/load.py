@@ -32,6 +32,7 @@ from proxy.policy.model import (
     RefusalSection,
     RefusalSettings,
     Rule,
+    SecretRule,
 )
 
 Loc = tuple[str | int, ...]
@@ -263,6 +264,11 @@ def _check_patterns(
         for index, section in enumerate(inspect):
             if isinstance(section, dict) and isinstance(section.get("host"), str):
                 check_one(section["host"], ("inspect", index, "host"))
+    secrets = data.get("secrets")
+    if isinstance(secrets, list):
+        for index, section in enumerate(secrets):
+            if isinstance(section, dict):
+                check(section.get("hosts"), ("secrets", index, "hosts"))
 
 
 def _read(path: Path, file: str) -> str:
@@ -338,8 +344,31 @@ def _document(
             methods=None if section.methods is None else frozenset(section.methods),
             deny_paths=tuple(section.deny_paths),
             source=f"{file}:{tree.line_of(('inspect', i))}",
+            scan=section.scan,
         )
         for i, section in enumerate(spec.inspect)
+    )
+    secrets = tuple(
+        SecretRule(
+            id=section.id,
+            hosts=tuple(patterns[host].text for host in section.hosts),
+            source=f"{file}:{tree.line_of(('secrets', i))}",
+            env=section.source.env,
+            file=(
+                None
+                if section.source.file is None
+                else str(Path(file).parent / Path(section.source.file).expanduser())
+            ),
+            header=section.inject.header,
+            format=section.inject.format,
+            basic_user=(
+                None
+                if section.inject.basic is None
+                else (section.inject.basic.user or "")  # "": keep the user the client sent
+            ),
+            env_name=section.env_name,
+        )
+        for i, section in enumerate(spec.secrets)
     )
     agents = {
         agent: AgentRules(
@@ -356,6 +385,7 @@ def _document(
         deny=rules(spec.deny, ("deny",), Action.DENY),
         inspect=inspect,
         agents=agents,
+        secrets=secrets,
         includes=tuple((text, tree.line_of(("include", i))) for i, text in enumerate(spec.include)),
         patterns=patterns,
     )
@@ -388,6 +418,7 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
     agents_file: str | None = None
     auth_required: bool | None = None
     refusal = RefusalSettings()
+    secrets = _merge_secrets(docs)
     for doc in docs:
         spec = doc.spec
         given = spec.model_fields_set
@@ -457,14 +488,40 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
         block_private=block_private,
         max_tunnel_lifetime=max_tunnel_lifetime,
         approval=approval,
-        inspect=tuple(rule for d in docs for rule in d.inspect),
+        inspect=_with_secret_hosts(tuple(rule for d in docs for rule in d.inspect), secrets),
         agents=agents,
         files=tuple(d.file for d in docs),
         telemetry=telemetry,
         agents_file=agents_file,
         auth_required=auth_required,
         refusal=refusal,
+        secrets=secrets,
     )
+
+
+def _merge_secrets(docs: Sequence[PolicyDocument]) -> tuple[SecretRule, ...]:
+    """`secrets:` entries of every file; a later file's entry with the same id replaces one."""
+    by_id: dict[str, SecretRule] = {}
+    for doc in docs:
+        for secret in doc.secrets:
+            by_id.pop(secret.id, None)
+            by_id[secret.id] = secret
+    return tuple(by_id.values())
+
+
+def _with_secret_hosts(
+    inspect: tuple[InspectRule, ...], secrets: tuple[SecretRule, ...]
+) -> tuple[InspectRule, ...]:
+    """A secret's owner hosts are intercepted (the proxy injects there): each host not already
+    under `inspect` joins it, with every method allowed and scanning on."""
+    written = {rule.host for rule in inspect}
+    added: list[InspectRule] = []
+    for secret in secrets:
+        for host in secret.hosts:
+            if host not in written:
+                written.add(host)
+                added.append(InspectRule(host, None, (), secret.source))
+    return (*inspect, *added)
 
 
 MAX_INCLUDE_DEPTH = 8  # a preset may include another; deeper chains are a mistake

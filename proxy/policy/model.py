@@ -63,6 +63,14 @@ class Action(StrEnum):
     DENY = "deny"
 
 
+class ScanMode(StrEnum):
+    """Credential scanning of an inspected host's requests."""
+
+    OFF = "off"
+    REPORT = "report"  # an event, the request goes on
+    ENFORCE = "enforce"  # refused `secret_detected`
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One allow/deny entry as written, with where it came from."""
@@ -102,6 +110,23 @@ class InspectRule:
     methods: frozenset[str] | None  # upper-case; None = every method
     deny_paths: tuple[str, ...]  # glob patterns on the URL path
     source: str
+    scan: ScanMode = ScanMode.ENFORCE  # credential scanning of its requests (proxy/secrets)
+
+
+@dataclass(frozen=True)
+class SecretRule:
+    """One brokered credential (`secrets:`): where its value comes from, the hosts it belongs
+    to (intercepted, and the only ones it is injected for) and how it is injected."""
+
+    id: str
+    hosts: tuple[str, ...]  # canonical host patterns
+    source: str  # "file:line"
+    env: str | None = None  # the proxy's environment variable holding the value
+    file: str | None = None  # or a file holding it (resolved against the policy file)
+    header: str | None = None  # inject into this header...
+    format: str = "{value}"  # ...written like this
+    basic_user: str | None = None  # or as the password of HTTP basic auth (None: not basic)
+    env_name: str | None = None  # the agent's variable for the placeholder (`egress-warden env`)
 
 
 @dataclass(frozen=True)
@@ -149,6 +174,7 @@ class EffectivePolicy:
     mode_pinned: bool = False  # a requirements file set the mode: nothing may switch it
     floor: Floor | None = None  # the requirements' part, when a requirements file is in force
     refusal: RefusalSettings = field(default_factory=RefusalSettings)  # `refusal:` section
+    secrets: tuple[SecretRule, ...] = ()  # `secrets:`; their hosts are also under `inspect`
     _inspect_index: RuleSet = field(init=False, repr=False, compare=False)
     _inspect_by_source: Mapping[str, InspectRule] = field(init=False, repr=False, compare=False)
 
@@ -335,6 +361,44 @@ class InspectSection(_Section):
     host: StrictStr
     methods: list[Method] | None = None
     deny_paths: list[PathPattern] = Field(default_factory=list)
+    scan: ScanMode = ScanMode.ENFORCE
+
+
+class SecretSourceSection(_Section):
+    env: StrictStr | None = None
+    file: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSourceSection:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+
+class BasicInjectSection(_Section):
+    user: StrictStr | None = None  # replaces the user the client sent (None: keep it)
+
+
+class SecretInjectSection(_Section):
+    header: StrictStr | None = None
+    format: StrictStr = "{value}"
+    basic: BasicInjectSection | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SecretInjectSection:
+        if (self.header is None) == (self.basic is None):
+            raise ValueError("give exactly one of header or basic")
+        if self.header is not None and "{value}" not in self.format:
+            raise ValueError("format must contain {value}")
+        return self
+
+
+class SecretSection(_Section):
+    id: StrictStr = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    env_name: StrictStr | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: SecretSourceSection
+    hosts: list[StrictStr] = Field(min_length=1)
+    inject: SecretInjectSection
 
 
 class AgentSection(_Section):
@@ -422,6 +486,7 @@ class PolicyFile(_Section):
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     auth: AuthSection = Field(default_factory=AuthSection)
     refusal: RefusalSection = Field(default_factory=RefusalSection)
+    secrets: list[SecretSection] = Field(default_factory=list)
 
 
 class RequirementsFile(PolicyFile):
@@ -460,6 +525,7 @@ class PolicyDocument:
     deny: tuple[Rule, ...]
     inspect: tuple[InspectRule, ...]
     agents: Mapping[str, AgentRules]
+    secrets: tuple[SecretRule, ...] = ()
     includes: tuple[tuple[str, int], ...] = ()  # `include:` entries as written, with their line
     # pattern as written -> parsed form, so compiling does not parse every rule twice
     patterns: Mapping[str, ParsedPattern] = field(default_factory=dict, repr=False, compare=False)
