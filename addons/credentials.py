@@ -163,7 +163,10 @@ class CredentialGuard:
         if not isinstance(pending, _BodyCheck) or flow.response is not None:
             return None
         raw = flow.request.raw_content or b""
-        finding = self._body_finding(pending, raw, flow.request) if raw else None
+        # Off the event loop: a scan may take up to MAX_SCAN_SECONDS; other flows go on.
+        finding = (
+            await asyncio.to_thread(self._body_finding, pending, raw, flow.request) if raw else None
+        )
         if finding is None:
             return None
         admission = await self.gate.admit_secrets(pending.facts, finding, pending.scan)

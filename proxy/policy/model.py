@@ -363,6 +363,14 @@ class InspectSection(_Section):
     deny_paths: list[PathPattern] = Field(default_factory=list)
     scan: ScanMode = ScanMode.ENFORCE
 
+    @field_validator("scan", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` as false (and `on` as true).
+        if isinstance(value, bool):
+            return ScanMode.ENFORCE if value else ScanMode.OFF
+        return value
+
 
 class SecretSourceSection(_Section):
     env: StrictStr | None = None

@@ -15,7 +15,6 @@ a brokered secret's value to its owner hosts, passes.
 from __future__ import annotations
 
 import math
-import re
 import time
 import urllib.parse
 import zlib
@@ -55,7 +54,17 @@ MAX_SCAN_SECONDS = 0.1  # per request (~50 ms per MiB measured); past it the res
 _WINDOW = 1 << 16
 _LINE = 4096
 _OVERLAP = 512
-_KEYWORD_HINT = re.compile("|".join(KEYWORDS), re.IGNORECASE)
+# Every keyword contains one of these: a substring test on the lower-cased text (memchr-fast)
+# decides whether the keyword regex runs at all (the regex itself costs ~9 ms per 64 KiB).
+_KEYWORD_WORDS = ("key", "pass", "pwd", "secret", "contras")
+assert all(any(w in k for w in _KEYWORD_WORDS) for k in KEYWORDS)
+
+
+def _has_keyword(text: str) -> bool:
+    low = text.lower()
+    return any(word in low for word in _KEYWORD_WORDS)
+
+
 _KEYWORD_MIN_LENGTH = 16
 _KEYWORD_MIN_ENTROPY = 3.5  # bits per character
 
@@ -161,12 +170,12 @@ class Scan:
                 return None
             for detector in DETECTORS:
                 if detector is _KEYWORD:
-                    if header or not _KEYWORD_HINT.search(window):
+                    if header or not _has_keyword(window):
                         continue
                     values: Iterable[str] = (
                         value
                         for line in window.splitlines()
-                        if _KEYWORD_HINT.search(line)
+                        if _has_keyword(line)
                         for piece in _windows(line, _LINE)
                         for value in detector.plugin.analyze_string(piece)
                         if _strong(value)
@@ -190,12 +199,11 @@ class Scan:
     ) -> Finding | None:
         """Scan the body's first `max_bytes` (decoded from gzip/deflate first)."""
         data = decode_body(raw, content_encoding, self.max_bytes)
-        text = data.decode("utf-8", "replace")
-        found = self.text(text, "body")
-        if found is None and ("%" in text or ("+" in text and _is_form(content_type))):
-            decoded = urllib.parse.unquote_plus(text)
-            if decoded != text:
-                found = self.text(decoded, "body")
+        found = self.text(data.decode("utf-8", "replace"), "body")
+        # Form bodies are scanned decoded too (on bytes: unquoting 1 MiB of text costs ~0.25 s).
+        if found is None and _is_form(content_type) and b"%" in data and not self._out_of_time():
+            decoded = urllib.parse.unquote_to_bytes(data.replace(b"+", b" "))
+            found = self.text(decoded.decode("utf-8", "replace"), "body")
         return found
 
 

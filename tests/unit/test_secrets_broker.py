@@ -141,6 +141,8 @@ version: 1
 inspect:
   - host: paste.test
     scan: report
+  - host: cdn.test
+    scan: off
 secrets:
   - id: github
     env_name: GITHUB_TOKEN
@@ -156,7 +158,7 @@ secrets:
     eff = load_policies([policy])
     assert [s.id for s in eff.secrets] == ["github", "git"]
     github, git = eff.secrets
-    assert github.source.endswith("p.yaml:6") and github.header == "Authorization"
+    assert github.source.endswith("p.yaml:8") and github.header == "Authorization"
     assert git.file == str(tmp_path / "token") and git.basic_user == "x-access-token"
     paste = eff.inspect_rule(host("paste.test"), 443)
     assert paste is not None and paste.scan is ScanMode.REPORT
@@ -164,6 +166,8 @@ secrets:
     assert owner is not None and owner.scan is ScanMode.ENFORCE and owner.methods is None
     assert eff.inspect_rule(host("git.test"), 443) is not None
     assert eff.inspect_rule(host("other.test"), 443) is None
+    cdn = eff.inspect_rule(host("cdn.test"), 443)  # a bare YAML `off` is false: still off
+    assert cdn is not None and cdn.scan is ScanMode.OFF
 
 
 @pytest.mark.parametrize(
