@@ -6,10 +6,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+if __name__.startswith("__mitmproxy_script__"):
+    # `mitmdump -s addons/warden.py` runs this file as a module it never registers, and
+    # dataclasses look their module up by name: the package's own copy stands in for it. It is
+    # imported without this directory on sys.path (mitmproxy puts it first), or `addons/socks.py`
+    # would pass for the PySocks module a dependency looks for.
+    import importlib
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _saved_path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    try:
+        sys.modules.setdefault(__name__, importlib.import_module("addons.warden"))
+    finally:
+        sys.path[:] = _saved_path
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers, server_hooks
@@ -530,6 +548,27 @@ class EgressWarden:
         )
         data.allowed = True
 
+    # -- transparent mode (the layer and its hook are addons/transparent.py) -----------------
+
+    def adopt_tunnel(
+        self,
+        client: connection.Client,
+        server: connection.Server,
+        facts: RequestFacts,
+        admission: Admission,
+    ) -> None:
+        """An admitted connection from another edge becomes a tunnel like a CONNECT one:
+        pinned to the checked address, SNI-checked, metered, re-checked on rule changes."""
+        assert admission.address is not None
+        self._close_tunnel(self._tunnels.pop(client.id, None))
+        self._tunnels[client.id] = _Tunnel(
+            facts,
+            server_id=server.id,
+            pin=_Pin(str(admission.address), facts.port),
+            inspect=admission.inspect,
+            admitted=admission.decision,
+        )
+
     async def request(self, flow: http.HTTPFlow) -> None:
         refused = await self._credentials.check_body(flow)
         if refused is not None:
@@ -573,3 +612,60 @@ class EgressWarden:
         # Raw tunnels report their bytes; an inspected one's exchanges each reported their own.
         if tunnel is not None and tunnel.inspect is None:
             self.gate.telemetry.emit(tunnel.close_event())
+
+
+# -- plain mitmproxy: `mitmdump -s addons/warden.py --set egress_policy=FILE` -----------------
+
+
+class ScriptWarden(EgressWarden):
+    """The warden as a mitmproxy script, for teams that already run mitmdump or mitmweb: the
+    same gate over the policy files named by `egress_policy` (reloaded on `--set`), with
+    anonymous callers and no approval queue (a miss under `ask` is refused
+    `approval_unavailable`; `egress-warden run` has the rest). Raw CONNECT tunnels are
+    intercepted by mitmproxy's own layers here: clients must trust mitmproxy's CA."""
+
+    def __init__(self) -> None:  # the gate is built in `configure`, once the options are known
+        self._built = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "egress_policy", Sequence[str], [], "egress-warden policy files (repeatable)"
+        )
+        loader.add_option(
+            "egress_resolve", Sequence[str], [], "egress-warden HOST:IP resolution overrides"
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & {"egress_policy", "egress_resolve"}:
+            return
+        from mitmproxy import ctx, exceptions
+
+        from proxy.auth import Authenticator
+        from proxy.gate import Snapshot
+        from proxy.netguard import NetGuard
+        from proxy.policy.load import PolicyErrors
+        from proxy.policy.requirements import load_effective
+        from proxy.resolve import Resolver, parse_resolve_option
+        from proxy.telemetry import Telemetry
+        from proxy.telemetry.hub import StructlogSink
+
+        files = list(ctx.options.egress_policy)
+        if not files:
+            raise exceptions.OptionsError("egress_policy: name at least one policy file")
+        try:
+            policy, _warnings = load_effective(files)
+            resolve = dict(parse_resolve_option(r) for r in ctx.options.egress_resolve)
+        except PolicyErrors as errors:
+            raise exceptions.OptionsError("; ".join(str(e) for e in errors.errors)) from None
+        except ValueError as exc:
+            raise exceptions.OptionsError(str(exc)) from None
+        snapshot = Snapshot(policy, Authenticator(), NetGuard([]))
+        if self._built:
+            self.gate.snapshot = snapshot  # a `--set` at run time: the new policy, whole
+            return
+        gate = Gate(snapshot, Resolver(resolve), Telemetry([StructlogSink()]))
+        super().__init__(gate)
+        self._built = True
+
+
+addons = [ScriptWarden()] if __name__.startswith("__mitmproxy_script__") else []

@@ -18,6 +18,8 @@ class Transport(StrEnum):
     HTTPS_INSPECTED = "https_inspected"
     WEBSOCKET = "websocket"
     SOCKS5 = "socks5"  # a SOCKS5 CONNECT (raw TCP, or TLS intercepted for `inspect:` hosts)
+    TRANSPARENT = "transparent"  # a kernel-redirected connection, named by its SNI or Host
+    DNS = "dns"  # a query to the policy-aware DNS listener
 
 
 @dataclass(frozen=True, slots=True)
