@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import brotli  # type: ignore[import-untyped]  # mitmproxy's dependency; no stubs
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
 from detect_secrets.plugins.base import BasePlugin
@@ -226,7 +227,7 @@ def _windows(text: str, size: int) -> Iterator[str]:
 
 def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
     """The body's first `limit` bytes, decoded from the content codings gzip, deflate (zlib
-    or raw) and identity; a coding it cannot decode gives the raw bytes (scanned as they are).
+    or raw), br and identity; a coding it cannot decode gives the raw bytes (scanned as they are).
     Decompression is bounded: a small bomb never inflates past `limit`."""
     data = raw
     codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
@@ -240,9 +241,18 @@ def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
                 data = _inflate(data, zlib.MAX_WBITS, limit, strict=True)
             except zlib.error:
                 data = _inflate(data, -zlib.MAX_WBITS, limit)
+        elif coding == "br":
+            data = _unbrotli(data, limit)
         else:
-            break  # br, zstd...: scanned as sent
+            break  # zstd and others: scanned as sent
     return data[:limit]
+
+
+def _unbrotli(data: bytes, limit: int) -> bytes:
+    try:
+        return bytes(brotli.Decompressor().process(data, output_buffer_limit=limit))
+    except brotli.error:
+        return data
 
 
 def _inflate(data: bytes, wbits: int, limit: int, *, strict: bool = False) -> bytes:

@@ -12,6 +12,7 @@ import time
 import uuid
 import zlib
 
+import brotli
 import pytest
 
 from proxy.hosts import Host, canonicalize_host
@@ -59,6 +60,8 @@ def test_encoded_bodies_are_decoded_before_scanning() -> None:
         ("gzip", gzip.compress(raw)),
         ("deflate", zlib.compress(raw)),
         ("deflate", zlib.compress(raw)[2:-4]),  # raw deflate, as some clients send it
+        ("br", brotli.compress(raw)),
+        ("gzip, br", brotli.compress(gzip.compress(raw))),
     ):
         found = paste().body(data, encoding, None)
         assert found is not None and found.subject == "Private Key", encoding
@@ -69,6 +72,7 @@ def test_encoded_bodies_are_decoded_before_scanning() -> None:
 def test_decompression_is_bounded() -> None:
     bomb = gzip.compress(b"\0" * (64 << 20))
     assert len(decode_body(bomb, "gzip", 1 << 20)) == 1 << 20
+    assert len(decode_body(brotli.compress(b"\0" * (64 << 20)), "br", 1 << 20)) <= 2 << 20
 
 
 def test_url_and_headers_are_scanned_but_keyword_only_outside_headers() -> None:
