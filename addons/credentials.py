@@ -113,7 +113,11 @@ class CredentialGuard:
             return
         if request.stream or "content-length" not in request.headers:
             del flow.metadata[_PENDING]
-            after = request.stream if callable(request.stream) else None
+            # What reads the stream already (the warden's byte meter) reads what is released.
+            meter = flow.metadata.get("egress.meter")
+            after = (
+                request.stream if callable(request.stream) else getattr(meter, "count_sent", None)
+            )
             request.stream = _HeldBody(self, flow, check, after)
 
     def swap(self, flow: http.HTTPFlow, facts: RequestFacts) -> None:

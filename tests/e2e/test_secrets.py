@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -398,6 +399,30 @@ def test_large_upload_is_held_until_scanned(world: World, tmp_path: Path) -> Non
         world, "--data-binary", f"@{clean}", world.https("paste.pastebin.test", clean_path)
     )
     assert code == "200" and world.hits(clean_path)[0].body_len == 3 << 20
+    # Chunked and clean: released whole, and the bytes still counted.
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"z" * 5000)
+    chunked_clean = _path()
+    code, _ = _curl(
+        world,
+        *("-H", "Transfer-Encoding: chunked", "--data-binary", f"@{small}"),
+        world.https("paste.pastebin.test", chunked_clean),
+    )
+    assert code == "200" and world.hits(chunked_clean)[0].body_len == 5000
+    for path, size in ((clean_path, 3 << 20), (chunked_clean, 5000)):
+        request_id = world.proxy.wait_decision(**{"url.path": path})["egress.request_id"]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            closes = [
+                line
+                for line in world.proxy.lines
+                if line.get("event") == "egress.connection.close"
+                and line.get("egress.request_id") == request_id
+            ]
+            if closes:
+                break
+            time.sleep(0.05)
+        assert closes and closes[0]["egress.bytes.sent"] == size
 
 
 def test_audit_mode_relaxes_detection_but_never_misuse(
