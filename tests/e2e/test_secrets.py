@@ -32,6 +32,7 @@ import pytest
 import requests
 import trustme
 
+from proxy.agents import AgentRegistry
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args
 from tests.support.clients import curl
 from tests.support.otlp import HttpReceiver, wait_for
@@ -185,10 +186,11 @@ secrets:
     backend.close()
 
 
-def _agent_env(world: World) -> dict[str, str]:
+def _agent_env(world: World, agent: str | None = None) -> dict[str, str]:
     out = subprocess.run(
         [
             *(sys.executable, "-m", "proxy.cli", "env", "--secrets"),
+            *(("--agent", agent) if agent else ()),
             *("--policy", str(world.policy), "--state-dir", str(world.proxy.state_dir)),
             *("--proxy", world.proxy.url),
         ],
@@ -455,6 +457,40 @@ def test_audit_mode_relaxes_detection_but_never_misuse(
             world.https("paste.pastebin.test", misuse_path),
         )
         assert code == "403" and not world.hits(misuse_path)
+    finally:
+        proxy.stop()
+
+
+def test_a_stolen_placeholder_is_worthless_to_another_agent(
+    world: World, ca_file: Path, tmp_path: Path
+) -> None:
+    agents = tmp_path / "agents.yaml"
+    registry = AgentRegistry.load(agents)
+    tokens = {name: registry.add(name) for name in ("alice", "bob")}
+    proxy = start_proxy(
+        tmp_path / "state",
+        [world.policy],
+        *resolve_args(),
+        *("--agents", str(agents), "--upstream-ca", str(ca_file)),
+        env={"EW_TEST_API_VALUE": API_VALUE},
+    )
+    try:
+        agent_world = World(proxy, world.policy, world.upstreams, world.git, world.otlp)
+        alice = _agent_env(agent_world, "alice")["API_TOKEN"]
+        assert alice != _agent_env(agent_world, "bob")["API_TOKEN"]
+        own, stolen = _path(), _path()
+        for agent, path in (("alice", own), ("bob", stolen)):
+            code, _ = _curl(
+                agent_world,
+                *("--proxy-user", f"{agent}:{tokens[agent]}"),
+                *("-H", f"Authorization: {alice}"),
+                world.https("api.allowed.test", path),
+            )
+            assert code == ("200" if agent == "alice" else "403"), agent
+        assert world.hits(own)[0].headers["authorization"] == f"Bearer {API_VALUE}"
+        assert not world.hits(stolen)
+        line = proxy.wait_decision(**{"url.path": stolen})
+        assert line["egress.reason"] == "secret_misuse" and line["egress.agent.id"] == "bob"
     finally:
         proxy.stop()
 
