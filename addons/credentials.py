@@ -62,8 +62,10 @@ class CredentialGuard:
 
     def _secrets_key(self) -> bytes:
         if self._key is None:
-            # The runtime keeps mitmproxy's CA in <state dir>/ca: the key sits beside it.
-            state_dir = self._state_dir or Path(ctx.options.confdir).expanduser().parent
+            # `egress-warden run` keeps mitmproxy's CA in <state dir>/ca: the key sits beside
+            # it; under plain mitmdump it goes in mitmproxy's own confdir.
+            confdir = Path(ctx.options.confdir).expanduser()
+            state_dir = self._state_dir or (confdir.parent if confdir.name == "ca" else confdir)
             self._key = load_or_create_key(state_dir)
         return self._key
 
