@@ -25,6 +25,7 @@ from proxy.netguard import NetGuard
 from proxy.policy.model import EffectivePolicy, InspectRule, ScanMode
 from proxy.records import PendingItem
 from proxy.resolve import ResolutionError, Resolver
+from proxy.review.runner import AutoDecision, AutoReviewer
 from proxy.secrets import Finding
 from proxy.store import StoreError
 from proxy.telemetry import DecisionEvent, Telemetry
@@ -370,8 +371,10 @@ class Gate:
         """What the live proxy would decide for `facts`, by the same steps, without holding or
         emitting. `inner` (method, path) is checked on hosts under `inspect:`."""
         first = self._first_pass(facts)
+        if first.verdict is Verdict.HOLD and facts.host is not None:
+            return await self._dry_review(facts, first, resolve)
         if first.verdict is not Verdict.ALLOW or facts.host is None:
-            return first  # deny, or a miss: held unresolved, exactly as live
+            return first  # a deny, exactly as live
         if not resolve and facts.host.ip is None:
             return replace(first, detail=f"{first.detail} (network step skipped: --no-resolve)")
         admission = await self._dial_check(facts, None)
@@ -384,6 +387,26 @@ class Gate:
                 self.snapshot.policy,
             )
         return admission.decision
+
+    async def _dry_review(self, facts: RequestFacts, held: Decision, resolve: bool) -> Decision:
+        """A miss in a dry run: held unresolved as live, unless the rules reviewers would decide
+        it (then, for an approval, the address is still checked, as live after approval)."""
+        approvals = self.approvals
+        if approvals is not None and approvals.joins_pending(facts):
+            return held  # live joins the pending item without a review
+        reviewer = approvals.reviewer if approvals is not None else AutoReviewer()
+        decided = await reviewer.dry_review(facts, self.snapshot.policy)
+        if not isinstance(decided, AutoDecision):
+            return held
+        rationale = decided.result.summary()
+        if not decided.approved:
+            return _deny(Reason.APPROVAL_DENIED, f"denied by the rules reviewer: {rationale}")
+        approved = Decision(
+            Verdict.ALLOW, Reason.APPROVED, detail=f"approved by the rules reviewer: {rationale}"
+        )
+        if not resolve and facts.host is not None and facts.host.ip is None:
+            return replace(approved, detail=f"{approved.detail} (network step skipped)")
+        return (await self._dial_check(facts, approved)).decision
 
     # -- pending items -----------------------------------------------------------------------
 

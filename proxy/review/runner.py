@@ -4,6 +4,7 @@ approval to grant."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,19 @@ class AutoReviewer:
             justification=bounded_justification(facts.justification),
             recent=self.recent.of(facts.agent),
         )
+
+    async def dry_review(
+        self, facts: RequestFacts, policy: EffectivePolicy
+    ) -> ChainResult | AutoDecision | None:
+        """What the tier would decide, with no side effect: only the rules reviewers (a dry run
+        asks no webhook or model), on a copy of the rate window. None: no rules reviewer."""
+        sections = [s for s in policy.approval.review if isinstance(s, RulesReviewerSection)]
+        if not sections or facts.host is None:
+            return None
+        allowed = known_hosts(policy.allow.rules, ())
+        rate = copy.deepcopy(self.rate)
+        chain = ReviewChain([RulesReviewer(s, allowed, rate, self._clock) for s in sections])
+        return self.settle(await chain.run(self.request_for(facts)), facts.agent, policy)
 
     async def review(
         self, facts: RequestFacts, policy: EffectivePolicy
