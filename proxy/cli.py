@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.admincli import add_admin_commands
 from proxy.agentcli import add_agent_commands
 from proxy.agentenv import Shell, render, trust_environment
 from proxy.agents import AgentRegistry, AgentsFileError
@@ -149,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             nameservers=tuple(parse_nameserver_option(n) for n in args.nameserver),
             drain=parse_duration(args.drain),
             socks=parse_endpoint(args.socks) if args.socks else None,
+            control_hosts=tuple(args.control_host),
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -261,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agents", metavar="FILE", help="agents file (default <state>/agents.yaml)")
     run.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     run.add_argument("--control", default="127.0.0.1:8081", metavar="HOST:PORT")
+    run.add_argument(
+        "--control-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the control API answers to besides its address (repeatable)",
+    )
     run.add_argument(
         "--socks",
         metavar="HOST:PORT",
@@ -376,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_agents)
 
     add_client_commands(sub)
+    add_admin_commands(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ class RunConfig:
     nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
     drain: float = 10.0  # seconds open connections get to finish after SIGTERM
     socks: Endpoint | None = None  # a SOCKS5 listener too (`run --socks H:P`)
+    control_hosts: tuple[str, ...] = ()  # Host names the control API answers to (--control-host)
 
     @property
     def store_url(self) -> str:

@@ -25,6 +25,7 @@ import psutil
 import structlog
 import uvicorn
 
+from proxy.admins import control_verifier
 from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.approvals import ApprovalQueue
 from proxy.audit import AuditSink, AuditWriter
@@ -329,6 +330,8 @@ class Service:
             reload=self.reloader.reload,
             check=self.check,
             rules_changed=self.gate.reevaluate_pending,
+            verify=control_verifier(token, cfg.state_dir),  # bootstrap + <state>/admins.yaml
+            hosts=cfg.control_hosts,
         )
         control_cfg = uvicorn.Config(
             create_app(ctx),

@@ -1,7 +1,8 @@
 """Who is calling the control API: a bearer token becomes a `Caller` with a role.
 
-Only the bootstrap token exists today (role admin); named approvers with personal tokens plug
-in as another `TokenVerifier` without touching the routes, which ask for a role, not a token.
+The bootstrap token is role admin; named admins with personal tokens and their own role
+(proxy/admins.py) are another `TokenVerifier`, and `first_of` asks both. The routes ask for a
+role, not a token.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ class BootstrapToken:
         if not hmac.compare_digest(_digest(presented), self._digest):
             return None
         return Caller(label or Role.ADMIN.value, Role.ADMIN)
+
+
+def first_of(*verifiers: TokenVerifier) -> TokenVerifier:
+    """A verifier asking each of `verifiers` in turn; every one is asked whatever the earlier
+    ones said, so how long a check takes does not tell which kind of token matched."""
+
+    def verify(presented: bytes, label: str | None) -> Caller | None:
+        answers = [check(presented, label) for check in verifiers]
+        return next((caller for caller in answers if caller is not None), None)
+
+    return verify
 
 
 def approver_label(raw: bytes) -> str | None:

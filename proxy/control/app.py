@@ -33,6 +33,7 @@ from proxy.control.access import (
     TokenVerifier,
     authenticate,
 )
+from proxy.control.console import add_console_routes
 from proxy.control.guard import ControlGuard, caller_of
 from proxy.eventbus import EventBus
 from proxy.facts import BadURL
@@ -79,6 +80,8 @@ class ControlContext:
     rules_changed: Callable[[], Awaitable[int]]  # answers held requests the new rules decide
     # Who a bearer token is; None: only `token` is known, as role admin (the bootstrap token).
     verify: TokenVerifier | None = None
+    # Host names the control API answers to besides its own address (run --control-host).
+    hosts: tuple[str, ...] = ()
 
 
 # -- request bodies -------------------------------------------------------------------------
@@ -219,6 +222,53 @@ def require_role(caller: Caller, role: Role, action: str) -> None:
         raise ApiError(403, f"{role.value}_role_required", f"{action} needs the {role.value} role")
 
 
+def _announce(ctx: ControlContext, kind: str, data: dict[str, Any]) -> None:
+    """Tell `/v1/events` subscribers what a caller did (the data names them under `by`)."""
+    if ctx.bus is not None:  # a context built for a test may have no bus
+        ctx.bus.publish(kind, data)
+
+
+SESSION_SCAN_ROWS = 10_000  # audit rows read to list sessions (newest first)
+
+
+async def session_listing(ctx: ControlContext, now: float) -> list[dict[str, Any]]:
+    """Agent sessions: those the decision audit saw within the idle window
+    (`approval.session_idle`) and those holding a live session grant. No table of their own:
+    first/last seen come from the audit rows read (the newest SESSION_SCAN_ROWS within the
+    window), so `first_seen` is the earliest one kept, not necessarily the session's start."""
+    idle = ctx.policy().approval.session_idle
+    rows = await ctx.store.list_decisions(limit=SESSION_SCAN_ROWS, since=now - idle)
+    sessions: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def entry(agent: str, session: str) -> dict[str, Any]:
+        return sessions.setdefault(
+            (agent, session),
+            {
+                "agent": agent,
+                "session": session,
+                "first_seen": None,
+                "last_seen": None,
+                "requests": 0,
+                "grants": [],
+            },
+        )
+
+    for row in rows:
+        if row.agent is None or row.session is None:
+            continue
+        item = entry(row.agent, row.session)
+        item["requests"] += 1
+        item["first_seen"] = min(item["first_seen"] or row.at, row.at)
+        item["last_seen"] = max(item["last_seen"] or row.at, row.at)
+    for grant in await ctx.store.list_grants(now):
+        if grant.scope is Scope.SESSION and grant.agent is not None and grant.session:
+            entry(grant.agent, grant.session)["grants"].append(grant_json(grant))
+    for item in sessions.values():
+        last = item["last_seen"]
+        item["idle_expires_at"] = last + idle if last is not None else None
+    return sorted(sessions.values(), key=lambda s: -(s["last_seen"] or 0.0))
+
+
 def create_app(ctx: ControlContext) -> FastAPI:
     """Build the control app around `ctx`."""
     app = FastAPI(
@@ -262,7 +312,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
     verify_token = ctx.verify or BootstrapToken(ctx.token)
     app.state.verify_token = verify_token
     # Outside routing and body parsing: the token is checked before a body byte is read.
-    app.add_middleware(ControlGuard, verify=verify_token)
+    app.add_middleware(ControlGuard, verify=verify_token, hosts=ctx.hosts)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> JSONResponse:
@@ -270,7 +320,14 @@ def create_app(ctx: ControlContext) -> FastAPI:
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    add_console_routes(app)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    @v1.get("/whoami", tags=["access"])
+    async def whoami(caller: Approver) -> dict[str, Any]:
+        """Who the token is, and its role (the console shows what it may do)."""
+        return {"name": caller.name, "role": caller.role.value}
 
     @v1.get("/pending", tags=["approvals"])
     async def list_pending() -> list[dict[str, Any]]:
@@ -279,6 +336,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
     async def _resolve(
         item_id: str, body: DecisionBody, outcome: Outcome, approver: Caller
     ) -> dict[str, Any]:
+        require_role(approver, Role.APPROVER, "deciding a held request")
         result = await ctx.approvals.resolve(
             item_id,
             outcome,
@@ -296,6 +354,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
             "for": result.verdict.grant_for.value,
             "released": result.released,
             "grant": grant_json(result.grant) if result.grant is not None else None,
+            "by": approver.name,
         }
 
     @v1.post("/pending/{item_id}/approve", tags=["approvals"])
@@ -333,6 +392,7 @@ def create_app(ctx: ControlContext) -> FastAPI:
                     ' the network guard blocks; to open them send "private": true (admin role)',
                 )
             require_role(approver, Role.ADMIN, "an allow grant covering guarded addresses")
+        require_role(approver, Role.APPROVER, "a grant")
         if body.expires_at is not None and body.expires_at <= time.time():
             raise ApiError(422, "invalid_request", "expires_at is in the past")
         grant = Grant(
@@ -350,13 +410,48 @@ def create_app(ctx: ControlContext) -> FastAPI:
         )
         await ctx.approvals.add_grant(grant)
         await ctx.rules_changed()
+        _announce(ctx, "grant_added", {**grant_json(grant), "by": approver.name})
         return grant_json(grant)
 
     @v1.delete("/grants/{grant_id}", tags=["grants"])
-    async def revoke_grant(grant_id: Annotated[str, Field(max_length=64)]) -> dict[str, Any]:
+    async def revoke_grant(
+        grant_id: Annotated[str, Field(max_length=64)], approver: Approver
+    ) -> dict[str, Any]:
+        require_role(approver, Role.APPROVER, "revoking a grant")
         if not await ctx.approvals.revoke_grant(grant_id):
             raise ApiError(404, "not_found", f"no grant with id {grant_id!r}")
-        return {"id": grant_id, "revoked": True}
+        _announce(ctx, "grant_revoked", {"id": grant_id, "by": approver.name})
+        return {"id": grant_id, "revoked": True, "by": approver.name}
+
+    @v1.get("/sessions", tags=["sessions"])
+    async def list_sessions() -> list[dict[str, Any]]:
+        try:
+            await ctx.audit.flush()
+            return await session_listing(ctx, time.time())
+        except StoreError as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from exc
+
+    @v1.post("/sessions/{agent}/{session}/end", tags=["sessions"])
+    async def end_session(
+        agent: Annotated[str, Field(max_length=128)],
+        session: Annotated[str, Field(max_length=128)],
+        approver: Approver,
+    ) -> dict[str, Any]:
+        require_role(approver, Role.APPROVER, "ending a session")
+        try:
+            grants = await ctx.store.list_grants(time.time())
+        except StoreError as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from exc
+        revoked = [
+            g.id
+            for g in grants
+            if g.scope is Scope.SESSION and g.agent == agent and g.session == session
+        ]
+        for grant_id in revoked:
+            await ctx.approvals.revoke_grant(grant_id)
+        answer = {"agent": agent, "session": session, "revoked": revoked, "by": approver.name}
+        _announce(ctx, "session_ended", answer)
+        return answer
 
     @v1.get("/decisions", tags=["audit"])
     async def list_decisions(
@@ -399,9 +494,16 @@ def create_app(ctx: ControlContext) -> FastAPI:
         return policy_json(ctx.policy())
 
     @v1.post("/policy/reload", tags=["policy"])
-    async def reload_policy() -> JSONResponse:
+    async def reload_policy(approver: Approver) -> JSONResponse:
+        require_role(approver, Role.APPROVER, "a policy reload")
         result = await ctx.reload()
-        body = {"ok": result.ok, "files": list(result.files), "errors": result.errors}
+        body = {
+            "ok": result.ok,
+            "files": list(result.files),
+            "errors": result.errors,
+            "by": approver.name,
+        }
+        _announce(ctx, "policy_reloaded", body)
         if not result.ok:
             return JSONResponse(
                 {"error": "policy_rejected", "detail": "; ".join(result.errors), **body},

@@ -123,6 +123,15 @@ class ControlClient:
         )
         return self._object(answer)
 
+    def sessions(self) -> list[dict[str, Any]]:
+        """Agent sessions seen lately or holding session grants."""
+        return self._list(self._request("GET", "/v1/sessions"))
+
+    def end_session(self, agent: str, session: str) -> dict[str, Any]:
+        """End `agent`'s `session`: its session grants are revoked on every replica."""
+        answer = self._request("POST", f"/v1/sessions/{_segment(agent)}/{_segment(session)}/end")
+        return self._object(answer)
+
     def decisions(
         self,
         limit: int = 20,
@@ -193,6 +202,8 @@ class ControlClient:
 
         detail = _error_detail(response)
         status = response.status_code
+        if status == 403 and _error_code(response).endswith("role_required"):
+            raise ControlError(f"not allowed with this token's role: {detail}")
         if status in (401, 403):
             raise ControlError(f"the control API rejected the token ({status}): {_TOKEN_HINT}")
         if status == 404 and subject:
@@ -237,6 +248,15 @@ def _transport_reason(exc: httpx.TransportError) -> str:
     if "name or service not known" in lowered or "nodename nor servname" in lowered:
         return "unknown host"
     return text
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else ""
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -453,6 +473,26 @@ def render_grants(items: list[dict[str, Any]], now: float | None = None) -> str:
     return _table(headers, rows)
 
 
+def render_sessions(items: list[dict[str, Any]], now: float | None = None) -> str:
+    """Table of agent sessions."""
+    if not items:
+        return "no sessions"
+    now = time.time() if now is None else now
+    rows = [
+        [
+            _text(item.get("agent")),
+            _text(item.get("session")),
+            _clock(item.get("first_seen")) if item.get("first_seen") else "-",
+            _age(item["last_seen"], now) + " ago" if item.get("last_seen") else "-",
+            str(item.get("requests") or 0),
+            ", ".join(_text(g.get("pattern")) for g in item.get("grants") or []) or "-",
+        ]
+        for item in items
+    ]
+    headers = ["AGENT", "SESSION", "FIRST SEEN", "LAST SEEN", "REQUESTS", "SESSION GRANTS"]
+    return _table(headers, rows)
+
+
 def render_decisions(items: list[dict[str, Any]]) -> str:
     """Table of recent decisions (local wall-clock time)."""
     if not items:
@@ -594,6 +634,26 @@ def _do_grants_revoke(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _do_sessions_list(client: ControlClient, args: argparse.Namespace) -> int:
+    items = client.sessions()
+    _emit(args, items, lambda: render_sessions(items))
+    return 0
+
+
+def _do_sessions_end(client: ControlClient, args: argparse.Namespace) -> int:
+    answer = client.end_session(args.agent, args.session)
+    revoked = answer.get("revoked") or []
+    _emit(
+        args,
+        answer,
+        lambda: (
+            f"ended session {_text(args.agent)}~{_text(args.session)}: "
+            f"{len(revoked)} session grant(s) revoked"
+        ),
+    )
+    return 0
+
+
 def _do_decisions(client: ControlClient, args: argparse.Namespace) -> int:
     items = client.decisions(
         args.limit,
@@ -710,6 +770,21 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     grants_revoke.add_argument("id", metavar="ID", help="grant id (see `grants list`)")
     _add_common(grants_revoke, nested=True)
     grants_revoke.set_defaults(func=_bind(_do_grants_revoke))
+
+    sessions = sub.add_parser("sessions", help="list agent sessions, or end one")
+    _add_common(sessions)
+    sessions.set_defaults(func=_bind(_do_sessions_list))
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", metavar="{list,end}")
+    sessions_list = sessions_sub.add_parser("list", help="list agent sessions (the default)")
+    _add_common(sessions_list, nested=True)
+    sessions_list.set_defaults(func=_bind(_do_sessions_list))
+    sessions_end = sessions_sub.add_parser(
+        "end", help="end a session: its session grants are revoked everywhere"
+    )
+    sessions_end.add_argument("agent", metavar="AGENT")
+    sessions_end.add_argument("session", metavar="SESSION")
+    _add_common(sessions_end, nested=True)
+    sessions_end.set_defaults(func=_bind(_do_sessions_end))
 
     decisions = sub.add_parser("decisions", help="recent decisions, newest first")
     decisions.add_argument(

@@ -19,7 +19,11 @@ MAX_BODY_BYTES = 64 * 1024  # the largest legitimate body (a grant or a check) i
 # Header names and values together. The server bounds a head that arrives in pieces; one that
 # arrives in a single read (up to 256 KiB) is only bounded here.
 MAX_HEADER_BYTES = 16 * 1024
-PUBLIC_PATHS = frozenset({"/healthz"})
+# The console's page and assets hold no data (its API calls carry the token the user enters).
+CONSOLE_PATHS = frozenset({"/", "/console/console.js", "/console/console.css"})
+PUBLIC_PATHS = frozenset({"/healthz", *CONSOLE_PATHS})
+# Answered whatever the Host header says: a probe may name the listener any way it likes.
+ANY_HOST_PATHS = frozenset({"/healthz"})
 CALLER_STATE_KEY = "egress_warden.caller"  # where the authenticated Caller is left in scope
 
 
@@ -45,6 +49,30 @@ async def refuse(send: Send, status: int, code: str, detail: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def host_allowed(scope: Scope, names: Collection[str]) -> bool:
+    """Does the request's Host name this listener? Allowed: the address the connection arrived
+    on, `localhost` and each of `names`, each bare or with the listener's port. A DNS-rebinding
+    page sends its own name and is refused (and a browser sends a bare address only to port
+    80 or 443, so a bare address is no page's either). A request without Host passes: every
+    browser sends one, so such a request is no page's."""
+    hosts = [value for name, value in scope.get("headers", ()) if name.lower() == b"host"]
+    if not hosts:
+        return True
+    if len(hosts) > 1:
+        return False
+    host = hosts[0].decode("latin-1").strip().lower()
+    server = scope.get("server")
+    allowed = {name.lower() for name in names}
+    if server:
+        default = "443" if scope.get("scheme") == "https" else "80"
+        address, port = str(server[0]).lower(), str(server[1] or default)
+        address = f"[{address}]" if ":" in address else address
+        bases = [address, "localhost", *allowed]
+        allowed.update(bases)
+        allowed.update(f"{base}:{port}" for base in bases)
+    return host in allowed
+
+
 def _declared_length(scope: Scope) -> int | None:
     """The Content-Length the request declares; -1 if it is not a number."""
     declared: int | None = None
@@ -68,11 +96,15 @@ class ControlGuard:
         verify: TokenVerifier,
         max_body: int = MAX_BODY_BYTES,
         public_paths: Collection[str] = PUBLIC_PATHS,
+        hosts: Collection[str] | None = None,
     ) -> None:
         self.app = app
         self.verify = verify
         self.max_body = max_body
         self.public_paths = frozenset(public_paths)
+        # Host names served besides the listener's address; None: no Host check (the control
+        # app always checks: see create_app).
+        self.hosts = None if hosts is None else tuple(h.lower() for h in hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -86,6 +118,18 @@ class ControlGuard:
         if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
             await refuse(
                 send, 431, "headers_too_large", f"headers larger than {MAX_HEADER_BYTES} bytes"
+            )
+            return
+        if (
+            self.hosts is not None
+            and scope["path"] not in ANY_HOST_PATHS
+            and not host_allowed(scope, self.hosts)
+        ):
+            await refuse(
+                send,
+                421,
+                "misdirected_request",
+                "this Host is not one the control API serves (add it with run --control-host)",
             )
             return
         if scope["path"] not in self.public_paths:

@@ -288,7 +288,12 @@ def test_guarded_grant_needs_the_admin_role(role: Role) -> None:
     )
     assert guarded.status_code == 403
     assert guarded.json()["error"] == "admin_role_required"
-    # A grant that opens nothing guarded is not the admin's alone.
+    # A grant that opens nothing guarded is not the admin's alone; a viewer decides nothing.
+    if role is Role.VIEWER:
+        assert plain.status_code == 403
+        assert plain.json()["error"] == "approver_role_required"
+        assert approvals.added == []
+        return
     assert plain.status_code == 201
     assert plain.json()["created_by"] == "erin"
     assert [g.pattern for g in approvals.added] == ["grants.example"]
