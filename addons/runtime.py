@@ -14,10 +14,11 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, next_layer, proxyser
 from mitmproxy.master import Master
 from mitmproxy.proxy import layer, mode_servers
 
-from addons import socks
+from addons import socks, transparent
 from addons.http_guard import HttpGuard
 from addons.warden import EgressWarden
 from proxy.config import RunConfig
+from proxy.dnsserver import DnsListener, PolicyDns
 from proxy.policy.model import EffectivePolicy
 from proxy.service import Service, StartupError, reuse_port
 
@@ -58,12 +59,17 @@ class _NextLayer(next_layer.NextLayer):
 
 
 def _modes(cfg: RunConfig) -> list[str]:
-    """The regular proxy on `--listen`, and a SOCKS5 listener on `--socks` if asked for."""
-    if cfg.socks is None:
-        return ["regular"]
-    socks.install()
+    """The regular proxy on `--listen`, a SOCKS5 listener on `--socks` and a transparent one
+    on `--transparent` if asked for."""
+    modes = ["regular"]
     # mitmproxy's spec splits the port at the last colon: IPv6 hosts go unbracketed.
-    return ["regular", f"socks5@{cfg.socks.host}:{cfg.socks.port}"]
+    if cfg.socks is not None:
+        socks.install()
+        modes.append(f"socks5@{cfg.socks.host}:{cfg.socks.port}")
+    if cfg.transparent is not None:
+        transparent.install()
+        modes.append(f"transparent@{cfg.transparent.host}:{cfg.transparent.port}")
+    return modes
 
 
 def _proxy_options(cfg: RunConfig) -> options.Options:
@@ -91,10 +97,17 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
             handler.close_connection(handler.client)
 
     warden = EgressWarden(service.gate, service.marker, close_client)
+    # The policy-aware DNS shares its synthetic pool with the transparent edge, which maps a
+    # synthetic address back to its name before the gate decides.
+    dns_server = PolicyDns(service.gate)
+    edge = transparent.TransparentEdge(
+        warden, transparent.SourceAgents(cfg.source_agents), dns_server.pool.name_for
+    )
     master.addons.add(
         core.Core(),
         HttpGuard(),  # the request head's limits, before any other addon sees a request
         warden,  # before NextLayer: our next_layer decides tunnels first
+        edge,
         ps,
         _NextLayer(warden),
         tlsconfig.TlsConfig(),
@@ -119,9 +132,10 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
             await asyncio.sleep(0.02)
         service.proxy_listening([(str(a[0]), int(a[1])) for a in ps.listen_addrs()])
         for server in ps.servers:
-            if server.mode.type_name == "socks5" and server.listen_addrs:
+            if server.mode.type_name in ("socks5", "transparent") and server.listen_addrs:
                 host, port = server.listen_addrs[0][:2]
-                log.info("egress.socks.listening", socks=f"{host}:{port}")
+                kind = "socks" if server.mode.type_name == "socks5" else "transparent"
+                log.info(f"egress.{kind}.listening", **{kind: f"{host}:{port}"})
 
     async def drain() -> None:
         # Refuse new connections first, answer held requests, let open tunnels finish.
@@ -142,6 +156,16 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
 
+    dns_listener: DnsListener | None = None
+    if cfg.dns is not None:
+        dns_listener = DnsListener(dns_server)
+        try:
+            await dns_listener.start(cfg.dns)
+        except OSError as exc:
+            await service.close()
+            raise StartupError(
+                f"cannot listen for DNS on {cfg.dns}: {exc.strerror or exc}"
+            ) from exc
     announce_task = asyncio.create_task(announce())
     # Everything built so far (policy, matchers, mitmproxy) lives for the whole run: freezing it
     # keeps full garbage collections short (they otherwise paused a 100k-rule proxy ~0.5 s).
@@ -153,5 +177,7 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
         if drain_task is not None and not drain_task.done():
             drain_task.cancel()
         warden.close_all()
+        if dns_listener is not None:
+            await dns_listener.close()
         await service.close()
     return 0

@@ -15,7 +15,7 @@ from proxy.admincli import add_admin_commands
 from proxy.agentcli import add_agent_commands
 from proxy.agentenv import Shell, render, trust_environment
 from proxy.agents import AgentRegistry, AgentsFileError
-from proxy.config import RunConfig, parse_endpoint
+from proxy.config import RunConfig, parse_endpoint, parse_source_agent
 from proxy.control.client import add_client_commands
 from proxy.facts import BadURL, facts_from_url
 from proxy.identity import proxy_url
@@ -151,6 +151,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             drain=parse_duration(args.drain),
             socks=parse_endpoint(args.socks) if args.socks else None,
             control_hosts=tuple(args.control_host),
+            transparent=parse_endpoint(args.transparent) if args.transparent else None,
+            dns=parse_endpoint(args.dns) if args.dns else None,
+            source_agents=tuple(parse_source_agent(s) for s in args.source_agent),
         )
     except ValueError as exc:
         print(f"egress-warden: {exc}", file=sys.stderr)
@@ -274,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--socks",
         metavar="HOST:PORT",
         help="also a SOCKS5 listener (names resolved at the proxy) under the same policy",
+    )
+    run.add_argument(
+        "--transparent",
+        metavar="HOST:PORT",
+        help="also a transparent listener for kernel-redirected connections (Linux, sidecar)",
+    )
+    run.add_argument(
+        "--dns",
+        metavar="HOST:PORT",
+        help="also a policy-aware DNS listener (UDP and TCP): no upstream query for unknown names",
+    )
+    run.add_argument(
+        "--source-agent",
+        action="append",
+        default=[],
+        metavar="CIDR=AGENT",
+        help="transparent mode: connections from this source network are this agent",
     )
     run.add_argument(
         "--state-dir",

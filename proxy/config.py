@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(host.strip("[]"), int(port_text))
 
 
+def parse_source_agent(text: str) -> tuple[str, str]:
+    """Parse `CIDR=AGENT` (`10.0.0.5=ci-bot`, `10.1.0.0/16=builder`) for transparent mode."""
+    network, sep, agent = text.partition("=")
+    if not sep or not agent:
+        raise ValueError(f"--source-agent {text!r}: expected CIDR=AGENT")
+    try:
+        canonical = ipaddress.ip_network(network.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"--source-agent {text!r}: {exc}") from exc
+    return str(canonical), agent.strip()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     policy_files: tuple[Path, ...]
@@ -45,6 +58,10 @@ class RunConfig:
     drain: float = 10.0  # seconds open connections get to finish after SIGTERM
     socks: Endpoint | None = None  # a SOCKS5 listener too (`run --socks H:P`)
     control_hosts: tuple[str, ...] = ()  # Host names the control API answers to (--control-host)
+    transparent: Endpoint | None = None  # kernel-redirected connections (`run --transparent`)
+    dns: Endpoint | None = None  # the policy-aware DNS listener (`run --dns H:P`)
+    # Identity in transparent mode: source network -> agent id (`--source-agent CIDR=ID`).
+    source_agents: tuple[tuple[str, str], ...] = ()
 
     @property
     def store_url(self) -> str:

@@ -7,7 +7,10 @@ import contextlib
 import ipaddress
 import ssl
 
+import pytest
+
 from addons.transparent import SourceAgents, sniff
+from proxy.config import parse_source_agent
 from proxy.dnsserver import SyntheticPool
 
 
@@ -63,3 +66,11 @@ def test_synthetic_pool_maps_both_ways_and_recycles_the_least_recent() -> None:
     c = pool.address_for("c.test")  # full: b (least recent) is recycled
     assert c == b and pool.name_for(b) == "c.test"
     assert pool.name_for("198.18.0.3") is None and pool.name_for("not an ip") is None
+
+
+def test_source_agent_option_is_parsed_and_checked() -> None:
+    assert parse_source_agent("10.0.0.5=ci-bot") == ("10.0.0.5/32", "ci-bot")
+    assert parse_source_agent("10.1.2.3/16=builder") == ("10.1.0.0/16", "builder")
+    for bad in ("10.0.0.5", "10.0.0.5=", "not-an-ip=ci-bot"):
+        with pytest.raises(ValueError, match="--source-agent"):
+            parse_source_agent(bad)
