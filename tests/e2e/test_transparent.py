@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 TRANSPARENT_PORT = 15001
 DNS_PORT = 15053
 RAW_PORT = 9999
-NAMES = ("allowed.test", "evil.test", "held.test", "alice.test")
+NAMES = ("allowed.test", "evil.test", "held.test", "alice.test", "inspected.test")
 
 
 class _Recorder:
@@ -98,8 +98,9 @@ def sidecar(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         AgentRegistry(agents).add("alice")
         policy = tmp / "policy.yaml"
         policy.write_text(
-            f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
+            f"version: 1\ndefault: ask\nallow: [allowed.test, inspected.test, {ALLOWED_IP}/32]\n"
             "deny: [evil.test]\n"
+            "inspect: [{host: inspected.test, methods: [GET], deny_paths: ['/private*']}]\n"
             f"network: {{ports: [{https.port}, {http.port}, {RAW_PORT}]}}\n"
             "approval: {wait: 20s}\nauth: {required: false}\n"
             "agents:\n  alice: {allow: [alice.test]}\n"
@@ -119,6 +120,8 @@ def sidecar(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             f"0.0.0.0:{DNS_PORT}",
             "--source-agent",
             f"{CLIENT_IP}/32=alice",
+            "--upstream-ca",
+            str(ca_file),
             prefix=net.proxy_prefix,
             env=TOKEN_ENV,
         )
@@ -241,6 +244,31 @@ def test_source_address_names_the_agent(sidecar: Sidecar) -> None:
     assert code == 0, err
     line = sidecar.proc.wait_decision(server__address="alice.test", egress__decision="allow")
     assert line["egress.agent.id"] == "alice"
+
+
+def test_inspected_host_is_intercepted_so_its_path_rules_apply(sidecar: Sidecar) -> None:
+    # Under `inspect:` the redirected TLS is intercepted with the proxy's CA, as over CONNECT.
+    proxy_ca = sidecar.proc.state_dir / "ca" / "mitmproxy-ca-cert.pem"
+    port = sidecar.https.port
+    target = _resolve("inspected.test", port)
+    code, out, err = _curl(
+        sidecar, f"https://inspected.test:{port}/public", *target, "--cacert", str(proxy_ca)
+    )
+    assert code == 0, err
+    assert "hello from upstream GET /public" in out
+    hits = len(sidecar.https.hits)
+    code, out, err = _curl(
+        sidecar, f"https://inspected.test:{port}/private/x", *target, "--cacert", str(proxy_ca)
+    )
+    assert code == 0, err
+    assert " 403 " in out.splitlines()[0]
+    assert len(sidecar.https.hits) == hits
+    line = sidecar.proc.wait_decision(url__path="/private/x")
+    assert line["network.transport.protocol"] == "https_inspected"
+    assert line["egress.reason"] == "deny_rule"
+    # Without trusting the proxy's CA there is no way past the interception.
+    code, _out, _err = _curl(sidecar, f"https://inspected.test:{port}/public", *target)
+    assert code != 0
 
 
 def _dig(sc: Sidecar, *args: str) -> str:
