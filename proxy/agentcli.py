@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,7 +84,9 @@ def build_environment(args: argparse.Namespace, proxy_url: str | None = None) ->
         base = Path(args.ca_bundle_base) if args.ca_bundle_base else None
         trust = write_trust_bundle(Path(args.state_dir), base)
     endpoint = parse_proxy(proxy_url or args.proxy)
-    env = agent_environment(endpoint, args.agent, args.session, token, trust)
+    env = agent_environment(
+        endpoint, args.agent, args.session, token, trust, connect_command=_connect_command()
+    )
     if getattr(args, "secrets", False):
         env.update(_secret_variables(args))
     return env
@@ -192,8 +196,32 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _connect_command() -> str:
+    """How ssh should run `egress-warden connect` (an absolute path: ssh runs it via a shell
+    whose PATH may differ)."""
+    found = shutil.which("egress-warden")
+    program = shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m proxy.cli"
+    return f"{program} connect %h %p"
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from proxy.connectcmd import main as connect
+
+    return connect(args.host, args.port, args.proxy)
+
+
 def add_agent_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `env` and `exec` on the top-level parser."""
+    """Register `env`, `exec` and `connect` on the top-level parser."""
+    connect = sub.add_parser(
+        "connect",
+        help="relay stdin/stdout to HOST PORT through the proxy (an ssh ProxyCommand)",
+    )
+    connect.add_argument("host")
+    connect.add_argument("port", type=int)
+    connect.add_argument(
+        "--proxy", metavar="URL", help="default: HTTPS_PROXY (with the agent's credentials)"
+    )
+    connect.set_defaults(func=cmd_connect)
     env = sub.add_parser("env", help="print the environment an agent process needs")
     _add_common(env)
     env.add_argument("--shell", choices=[s.value for s in Shell], default=Shell.SH.value)

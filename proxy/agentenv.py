@@ -95,6 +95,7 @@ def agent_environment(
     session: str | None = None,
     token: str | None = None,
     trust: TrustFiles | None = None,
+    connect_command: str = "egress-warden connect %h %p",
 ) -> dict[str, str]:
     """Every variable an agent process needs, in a stable order.
 
@@ -125,6 +126,9 @@ def agent_environment(
             f"-Dhttp.nonProxyHosts={java_host}",
         ]
     )
+    # ssh (and git over SSH) ignore proxy variables: a ProxyCommand opens a CONNECT tunnel
+    # through the proxy with the credentials above (`egress-warden connect`).
+    env["GIT_SSH_COMMAND"] = f"ssh -o ProxyCommand={shlex.quote(connect_command)}"
     if trust is not None:
         env.update(trust_environment(trust))
     return env
