@@ -11,7 +11,9 @@ nothing within `FIRST_BYTES_WAIT`) is decided on its original destination addres
 that only an IP/CIDR rule can allow; a synthetic address handed out by the policy-aware DNS
 (`proxy/dnsserver.py`) stands for its name. Identity comes from the source address
 (`run --source-agent CIDR=AGENT`). Admitted, the connection is a tunnel like a CONNECT one:
-pinned, SNI-checked, metered, re-checked on rule changes (the warden's tunnel path).
+pinned, SNI-checked, metered, re-checked on rule changes (the warden's tunnel path); plain HTTP
+and hosts under `inspect:` are read request by request (the warden's inspected path), so a
+kept-alive connection cannot switch to another Host.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from addons.warden import EgressWarden
 from proxy.auth import Caller
 from proxy.facts import RequestFacts, Transport
 from proxy.hosts import Host, InvalidHost, canonicalize_host
+from proxy.policy.model import InspectRule
 from proxy.verdicts import Reason
 
 FIRST_BYTES_WAIT = 1.0  # seconds: a client that sends nothing by then is decided as raw TCP
@@ -266,6 +269,11 @@ class TransparentEdge:
         # The gate names `inspect:` rules for CONNECT and SOCKS5 only; a redirected connection
         # to such a host is intercepted too, so its method and path rules still apply.
         inspect = admission.inspect or gate.policy.inspect_rule(facts.host, facts.port)
+        if inspect is None and sniffed.scheme == "http":
+            # Plain HTTP is read request by request, never relayed blind: each request's Host
+            # must name the admitted host (no switching to another tenant of the same address
+            # on a kept-alive connection), client headers are stripped, credentials scanned.
+            inspect = InspectRule(facts.host.name, None, (), source="transparent:http")
         self._warden.adopt_tunnel(
             data.client, data.server, facts, replace(admission, inspect=inspect)
         )

@@ -182,6 +182,19 @@ def test_plain_http_is_named_by_its_host_header(sidecar: Sidecar) -> None:
     assert "x-egress-warden-reason: deny_rule" in out.lower()
 
 
+def test_plain_http_cannot_switch_host_on_a_kept_alive_connection(sidecar: Sidecar) -> None:
+    port = sidecar.http.port
+    hits = [h.path for h in sidecar.http.hits]
+    two = (
+        b"GET /first HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n"
+    )
+    answer = _raw_exchange(sidecar.net.client_ns, ELSEWHERE_IP, port, two)
+    assert b"hello from upstream GET /first" in answer
+    assert b"403" in answer.split(b"hello from upstream", 1)[1]
+    assert [h.path for h in sidecar.http.hits][len(hits) :] == ["/first"]
+
+
 def _raw_exchange(ns: str, host: str, port: int, payload: bytes, timeout: float = 10) -> bytes:
     def talk() -> bytes:
         with socket.create_connection((host, port), timeout=timeout) as sock:
