@@ -159,6 +159,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"egress-warden: {exc}", file=sys.stderr)
         return 2
 
+    if args.workers > 1 and cfg.dns is not None:
+        # Each worker would hand out its own synthetic addresses, which another worker's
+        # transparent listener could not map back to their names.
+        print("egress-warden: --dns needs a single worker (--workers 1)", file=sys.stderr)
+        return 2
     if args.workers > 1:
         from proxy.workers import supervise
 

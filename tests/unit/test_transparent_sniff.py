@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,20 @@ def test_source_agent_option_is_parsed_and_checked() -> None:
     for bad in ("10.0.0.5", "10.0.0.5=", "not-an-ip=ci-bot"):
         with pytest.raises(ValueError, match="--source-agent"):
             parse_source_agent(bad)
+
+
+def test_dns_listener_refuses_several_workers(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefault: deny\n")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "proxy.cli", "run", "--policy", str(policy)),
+            *("--state-dir", str(tmp_path / "state"), "--dns", "127.0.0.1:0", "--workers", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--dns needs a single worker" in result.stderr
