@@ -315,6 +315,8 @@ class ApprovalQueue:
                 "scope": scope.value,
                 "for": grant_for.value,
                 "released": released,
+                "approver": approver,
+                "reviewer": reviewer,
             },
         )
         return ResolveResult(item, verdict, released, grant)
