@@ -48,6 +48,7 @@ test: lint typecheck
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/bench_secrets.py
 
 bench-quick: install
 	$(BIN)/python benchmarks/run.py --quick
