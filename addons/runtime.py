@@ -97,11 +97,12 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
             handler.close_connection(handler.client)
 
     warden = EgressWarden(service.gate, service.marker, close_client)
-    # The policy-aware DNS shares its synthetic pool with the transparent edge, which maps a
-    # synthetic address back to its name before the gate decides.
+    # The policy-aware DNS tells the transparent edge which name an address was handed out for
+    # (a synthetic address, or an allowed name's real one), so a connection that names nothing
+    # is decided by that name before the gate decides.
     dns_server = PolicyDns(service.gate)
     edge = transparent.TransparentEdge(
-        warden, transparent.SourceAgents(cfg.source_agents), dns_server.pool.name_for
+        warden, transparent.SourceAgents(cfg.source_agents), dns_server.name_for
     )
     master.addons.add(
         core.Core(),

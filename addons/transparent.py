@@ -7,9 +7,10 @@ first reads what the client sends: the TLS ClientHello's server name or the HTTP
 names the destination, and the gate resolves that name itself, so the address the client chose
 is never dialled (a forged SNI towards an attacker's address reaches only the named host's real
 address). A connection that names nothing (raw TCP, or a server-speaks-first protocol that sends
-nothing within `FIRST_BYTES_WAIT`) is decided on its original destination address, an IP literal
-that only an IP/CIDR rule can allow; a synthetic address handed out by the policy-aware DNS
-(`proxy/dnsserver.py`) stands for its name. Identity comes from the source address
+nothing within `FIRST_BYTES_WAIT`) is decided by the name the policy-aware DNS
+(`proxy/dnsserver.py`) handed its address out for (a synthetic address for an `ask` name, or an
+allowed name's real address), else on the original destination address, an IP literal that only
+an IP/CIDR rule can allow. Identity comes from the source address
 (`run --source-agent CIDR=AGENT`). Admitted, the connection is a tunnel like a CONNECT one:
 pinned, SNI-checked, metered, re-checked on rule changes (the warden's tunnel path); plain HTTP
 and hosts under `inspect:` are read request by request (the warden's inspected path), so a
@@ -218,11 +219,12 @@ class TransparentEdge:
         self,
         warden: EgressWarden,
         sources: SourceAgents,
-        synthetic_name: Callable[[str], str | None] = lambda _address: None,
+        name_for_address: Callable[[str], str | None] = lambda _address: None,
     ) -> None:
         self._warden = warden
         self._sources = sources
-        self._synthetic_name = synthetic_name
+        # From the policy-aware DNS: the name a (synthetic or real) address was handed out for.
+        self._name_for_address = name_for_address
 
     def _caller(self, client: connection.Client) -> Caller:
         gate = self._warden.gate
@@ -237,7 +239,8 @@ class TransparentEdge:
     async def egress_transparent_connect(self, data: TransparentConnectData) -> None:
         gate = self._warden.gate
         sniffed = data.sniffed
-        raw_host = sniffed.name or self._synthetic_name(data.original[0]) or data.original[0]
+        original = data.original[0]
+        raw_host = sniffed.name or self._name_for_address(original) or original
         caller = self._caller(data.client)
         invalid: Reason | None = None
         detail = ""

@@ -47,6 +47,7 @@ ANSWER_TTL = 5  # real answers: as short as the resolver's cache, the address is
 DECISION_PORT = 443  # DNS carries no port: a name is decided as the HTTPS destination it names
 MAX_TCP_MESSAGE = 65535
 TCP_IDLE = 10.0  # seconds a DNS-over-TCP client may stay silent
+ANSWERED_ENTRIES = 65536  # real answers remembered (address -> name), oldest forgotten first
 
 
 class SyntheticPool:
@@ -101,6 +102,28 @@ class PolicyDns:
     def __init__(self, gate: Gate, pool: SyntheticPool | None = None) -> None:
         self.gate = gate
         self.pool = pool or SyntheticPool()
+        # Real addresses given out for allowed names, so a connection that names nothing (SSH,
+        # a database driver) can still be decided by the name it was looked up as.
+        self._answered: OrderedDict[str, str] = OrderedDict()
+
+    def name_for(self, address: str) -> str | None:
+        """The name an address was handed out for: a synthetic one, else the last allowed
+        name answered with it (the proxy still dials its own resolution of that name)."""
+        name = self.pool.name_for(address)
+        if name is not None:
+            return name
+        try:
+            key = str(ipaddress.ip_address(address))
+        except ValueError:
+            return None
+        return self._answered.get(key)
+
+    def _remember(self, address: IPAddress, name: str) -> None:
+        key = str(address)
+        self._answered.pop(key, None)
+        self._answered[key] = name
+        if len(self._answered) > ANSWERED_ENTRIES:
+            self._answered.popitem(last=False)
 
     async def answer(self, wire: bytes, client: str | None) -> bytes | None:
         """The response to one query message (None: not a query, no reply)."""
@@ -163,6 +186,7 @@ class PolicyDns:
                 )
             else:
                 answer = _Answer(dns.rcode.NOERROR, address)
+                self._remember(address, host.name)
         elif decision.verdict is Verdict.HOLD and host is not None:
             # Never asked upstream: the connection that follows is held by name at the proxy.
             address = self.pool.address_for(host.name)

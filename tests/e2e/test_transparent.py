@@ -6,8 +6,10 @@ name again for a synthetic address the policy-aware DNS handed out."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.e2e
 TRANSPARENT_PORT = 15001
 DNS_PORT = 15053
 RAW_PORT = 9999
+SSH_IP = "10.77.7.7"  # ssh.test's real address
 NAMES = ("allowed.test", "evil.test", "held.test", "alice.test", "inspected.test")
 
 
@@ -68,6 +71,25 @@ class _Recorder:
         self.sock.close()
 
 
+class _Echo(_Recorder):
+    """A TCP server that speaks first (as SSH does) and echoes one line back."""
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5)
+                conn.sendall(b"SSH-2.0-echo\r\n")
+                with contextlib.suppress(OSError):
+                    conn.sendall(conn.recv(1024))
+
+
 @dataclass
 class Sidecar:
     net: SidecarNet
@@ -76,6 +98,7 @@ class Sidecar:
     http: Upstream
     attacker: _Recorder
     ca_file: Path
+    ssh: _Echo
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +115,20 @@ def sidecar(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         http = in_namespace(net.proxy_ns, lambda: start_upstream(ALLOWED_IP))
         # Where a forged SNI asks to go: the same port, another address.
         attacker = in_namespace(net.proxy_ns, lambda: _Recorder(GATEWAY_IP, https.port))
+        # A server-speaks-first service at a real address of its own (ssh.test), in the proxy's
+        # namespace, reachable for the agent only through the redirect.
+        subprocess.run(
+            ["ip", "-n", net.proxy_ns, "addr", "add", f"{SSH_IP}/32", "dev", "lo"], check=True
+        )
+        ssh = in_namespace(net.proxy_ns, lambda: _Echo(SSH_IP, RAW_PORT))
         agents = tmp / "agents.yaml"
         from proxy.agents import AgentRegistry
 
         AgentRegistry(agents).add("alice")
         policy = tmp / "policy.yaml"
         policy.write_text(
-            f"version: 1\ndefault: ask\nallow: [allowed.test, inspected.test, {ALLOWED_IP}/32]\n"
+            f"version: 1\ndefault: ask\nallow: [allowed.test, inspected.test, {ALLOWED_IP}/32,"
+            f" 'ssh.test:{RAW_PORT}', {SSH_IP}/32]\n"
             "deny: [evil.test]\n"
             "inspect: [{host: inspected.test, methods: [GET], deny_paths: ['/private*']}]\n"
             f"network: {{ports: [{https.port}, {http.port}, {RAW_PORT}]}}\n"
@@ -108,6 +138,7 @@ def sidecar(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         extra: list[str] = []
         for name in NAMES:
             extra += ["--resolve", f"{name}:{ALLOWED_IP}"]
+        extra += ["--resolve", f"ssh.test:{SSH_IP}"]
         proc = start_proxy(
             tmp / "state",
             [policy],
@@ -127,10 +158,10 @@ def sidecar(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         )
         try:
             net.redirect(TRANSPARENT_PORT, DNS_PORT)
-            yield Sidecar(net, proc, https, http, attacker, ca_file)
+            yield Sidecar(net, proc, https, http, attacker, ca_file, ssh)
         finally:
             proc.stop()
-            for closer in (https.close, http.close, attacker.close):
+            for closer in (https.close, http.close, attacker.close, ssh.close):
                 in_namespace(net.proxy_ns, closer)
 
 
@@ -314,6 +345,29 @@ def test_held_connection_to_a_synthetic_address_is_released_by_approval(sidecar:
     client.join(timeout=30)
     assert answer and b"hello from upstream GET /held" in answer[0]
     assert len(sidecar.http.hits) == hits + 1
+
+
+def test_raw_tcp_to_an_allowed_names_real_address_is_decided_by_that_name(
+    sidecar: Sidecar,
+) -> None:
+    # SSH-like: the client looks the name up (through the proxy's DNS), then speaks no TLS and
+    # no HTTP; the address it dials was handed out for ssh.test, so ssh.test's rule decides.
+    assert _dig(sidecar, "ssh.test", "A") == SSH_IP
+    accepted = sidecar.ssh.accepted
+
+    def ssh_like() -> bytes:
+        with socket.create_connection((SSH_IP, RAW_PORT), timeout=10) as sock:
+            banner = sock.recv(100)
+            sock.sendall(b"hello\n")
+            return banner + sock.recv(100)
+
+    assert in_namespace(sidecar.net.client_ns, ssh_like) == b"SSH-2.0-echo\r\nhello\n"
+    assert sidecar.ssh.accepted == accepted + 1
+    line = sidecar.proc.wait_decision(
+        server__address="ssh.test", network__transport__protocol="transparent"
+    )
+    assert line["egress.decision"] == "allow"
+    assert line["egress.rule"] == f"ssh.test:{RAW_PORT}"
 
 
 def test_unmapped_synthetic_address_is_refused(sidecar: Sidecar) -> None:
