@@ -173,7 +173,7 @@ CLIENTS = {
 
 def _client(name: str) -> list[str]:
     if name == "node" and NODE is None:
-        pytest.skip("node is not installed")
+        pytest.fail("node is not installed (apt-get install nodejs)")
     return CLIENTS[name]
 
 
@@ -284,7 +284,7 @@ def _npm_install(
     rig: Rig, host: str, dest: Path, isolate: bool
 ) -> subprocess.CompletedProcess[str]:
     if NPM is None:
-        pytest.skip("npm is not installed")
+        pytest.fail("npm is not installed (it comes with nodejs)")
     return rig.exec(
         NPM, "install", "--no-audit", "--no-fund", "--no-package-lock", "--fetch-retries=0",
         "--prefer-online", "--cache", str(dest.with_name(dest.name + "-cache")),
@@ -353,7 +353,7 @@ def _direct(rig: Rig, tool: str, proxy_url: str) -> tuple[list[str], str]:
     }
     if tool == "node":
         if NODE is None:
-            pytest.skip("node is not installed")
+            pytest.fail("node is not installed (apt-get install nodejs)")
         return [
             NODE,
             "-e",
@@ -424,7 +424,7 @@ def _direct_attempts(rig: Rig) -> dict[str, list[str]]:
 def test_isolated_command_cannot_bypass_the_proxy(rig: Rig, attempt: str) -> None:
     command = _direct_attempts(rig).get(attempt)
     if command is None:
-        pytest.skip("node is not installed")
+        pytest.fail("node is not installed (apt-get install nodejs)")
     # Unisolated, the same command reaches the upstream directly: the bypass is real.
     plain = rig.exec(*command)
     assert plain.returncode == 0, plain.stderr

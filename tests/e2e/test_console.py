@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import playwright.sync_api as playwright_api
 import pytest
 
 from proxy.admins import AdminRegistry, admins_path
@@ -24,14 +25,11 @@ from tests.support.proxy import REPO, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = next(
     (p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None
 )
-if CHROMIUM is None:
-    pytest.skip(
-        "Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True
-    )
+if CHROMIUM is None:  # a missing browser fails the run (CI installs it), never skips
+    pytest.fail("Debian's chromium is not installed (apt-get install chromium)", pytrace=False)
 
 expect = playwright_api.expect
 NAMES = [f"c{i}.console.test" for i in range(10)]
