@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 	[ -x $(BIN)/python ] || "$$py" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# undici: the tests run Node's fetch through its EnvHttpProxyAgent (as Node agents do).
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --silent --no-audit --no-fund --prefix $(VENV)/node undici@7 >/dev/null \
+	    || { echo "error: npm install undici failed" >&2; exit 1; }; \
+	else echo "note: npm not found: the Node client tests need it (apt-get install nodejs)" >&2; fi
 	@touch $(STAMP)
 
 run: install

@@ -6,6 +6,7 @@ refused when the policy denies; under `--isolate` whatever ignores the proxy fai
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -90,17 +91,19 @@ class Rig:
             check=False,
         )
 
-    def seen(self, path: str, verdict: str = "allow", **match: object) -> dict[str, object]:
-        """The proxy's decision line for `path`, as the agent with its session."""
-        return self.proxy.wait_decision(
-            **{
-                "url.path": path,
-                "egress.decision": verdict,
-                "egress.agent.id": AGENT,
-                "session.id": SESSION,
-            },
-            **match,
-        )
+    def seen(self, path: str | None, verdict: str = "allow", **match: object) -> dict[str, object]:
+        """The proxy's decision line for `path` (None: a CONNECT, which has no path), as the
+        agent with its session."""
+        wanted: dict[str, object] = {
+            "egress.decision": verdict,
+            "egress.agent.id": AGENT,
+            "session.id": SESSION,
+        }
+        if path is None:
+            wanted["network.transport.protocol"] = "https_connect"
+        else:
+            wanted["url.path"] = path
+        return self.proxy.wait_decision(**wanted, **match)
 
 
 @pytest.fixture(scope="module")
@@ -162,18 +165,36 @@ req.on('error', (e) => { console.error(e.message); process.exit(2); });
 req.end();
 """
 
+# Node's own fetch through undici's EnvHttpProxyAgent (`make install` puts undici under
+# .venv/node): the proxy variables, credentials included, as a Node agent would use them.
+UNDICI = REPO / ".venv" / "node" / "node_modules" / "undici"
+_NODE_UNDICI = f"""
+const {{EnvHttpProxyAgent, setGlobalDispatcher}} = require({json.dumps(str(UNDICI))});
+setGlobalDispatcher(new EnvHttpProxyAgent());
+fetch(process.argv[1]).then(async (r) => {{
+  console.log(await r.text());
+  process.exit(r.status === 200 ? 0 : 1);
+}}).catch((e) => {{ console.error(String(e.cause || e)); process.exit(2); }});
+"""
+
 CLIENTS = {
     "curl": ["curl", "-sS", "-f", "--max-time", "30"],
     "urllib": [PY, "-c", _URLLIB],
     "requests": [PY, "-c", _REQUESTS],
     "httpx": [PY, "-c", _HTTPX],
     "node": [NODE or "node", "-e", _NODE],
+    "node-fetch-undici": [NODE or "node", "-e", _NODE_UNDICI],
 }
 
 
+TUNNELLING = {"node-fetch-undici"}  # clients that CONNECT even for http:// URLs
+
+
 def _client(name: str) -> list[str]:
-    if name == "node" and NODE is None:
+    if name.startswith("node") and NODE is None:
         pytest.fail("node is not installed (apt-get install nodejs)")
+    if name == "node-fetch-undici" and not UNDICI.is_dir():
+        pytest.fail(f"undici is not installed under {UNDICI.parent} (make install does it)")
     return CLIENTS[name]
 
 
@@ -188,7 +209,8 @@ def test_client_goes_through_the_proxy_as_the_agent_and_session(
     )
     assert result.returncode == 0, result.stderr
     assert f"hello from upstream GET {path}" in result.stdout
-    rig.seen(path, **{"server.address": "allowed.test"})
+    # undici's proxy agent tunnels even http:// URLs through CONNECT (no path to match).
+    rig.seen(None if client in TUNNELLING else path, **{"server.address": "allowed.test"})
     hit = next(h for h in rig.upstreams.http.hits if h.path == path)
     assert "proxy-authorization" not in hit.headers
 
@@ -202,7 +224,11 @@ def test_client_is_refused_when_the_policy_denies(rig: Rig, client: str, isolate
         *_client(client), f"http://evil.test:{rig.upstreams.http.port}{path}", isolate=isolate
     )
     assert result.returncode != 0
-    rig.seen(path, "deny", **{"server.address": "evil.test", "egress.reason": "deny_rule"})
+    rig.seen(
+        None if client in TUNNELLING else path,
+        "deny",
+        **{"server.address": "evil.test", "egress.reason": "deny_rule"},
+    )
     assert not [h for h in rig.upstreams.http.hits[before:] if h.path == path]
 
 
