@@ -343,10 +343,16 @@ def test_body_size_cap_is_exact(warden: ProxyProcess) -> None:
     assert over.json()["error"] == "too_large"
 
 
-def test_only_healthz_is_open_without_a_token(warden: ProxyProcess) -> None:
+def test_only_healthz_and_the_console_page_are_open_without_a_token(
+    warden: ProxyProcess,
+) -> None:
     with httpx.Client(base_url=warden.control_url, trust_env=False, timeout=10) as client:
         assert client.get("/healthz").status_code == 200
-        for path in ("/openapi.json", "/v1/grants", "/v1/pending", "/docs", "/", "/healthz/"):
+        # The console page holds no data (its API calls carry the token), under a strict CSP.
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        for path in ("/openapi.json", "/v1/grants", "/v1/pending", "/docs", "/healthz/"):
             response = client.get(path)
             assert response.status_code == 401, path
             assert response.json()["error"] == "unauthorized"
