@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import ssl
 import statistics
 import subprocess
@@ -96,11 +97,51 @@ def _proxy(tmp: Path, port: int, ca_file: Path, scan: str) -> tuple[subprocess.P
     raise RuntimeError("the proxy did not start:\n" + "".join(seen[-20:]))
 
 
-def _upload(proxy_url: str, proxy_ca: Path, body: Path, port: int) -> float:
+def _bare_mitmproxy(tmp: Path, ca_file: Path) -> tuple[subprocess.Popen[str], str, Path]:
+    """Bare mitmdump intercepting TLS (the baseline for inspected traffic): no policy, no
+    addon, the same upstream CA; returns the process, its URL and its CA certificate."""
+    confdir = tmp / "mitmdump"
+    port = _free_port()
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    proc = subprocess.Popen(
+        [
+            *(str(mitmdump), "--quiet", "--listen-host", "127.0.0.1", "--listen-port", str(port)),
+            *("--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={ca_file}"),
+            *("--set", "stream_large_bodies=1m"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}", confdir / "mitmproxy-ca-cert.pem"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("mitmdump did not start")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _upload(
+    proxy_url: str, proxy_ca: Path, body: Path, port: int, *, resolve: bool = False
+) -> float:
+    # Bare mitmproxy would resolve the test name itself: --connect-to makes curl's CONNECT
+    # target the sink's address while SNI and Host keep the name.
+    pinned = ["--connect-to", f"{HOST}:{port}:127.0.0.1:{port}"] if resolve else []
     start = time.perf_counter()
     result = subprocess.run(
         [
             *("curl", "-q", "--silent", "--show-error", "-x", proxy_url, "--noproxy", ""),
+            *pinned,
             *("--cacert", str(proxy_ca), "-o", "/dev/null", "-w", "%{http_code}"),
             *("--data-binary", f"@{body}", f"https://{HOST}:{port}/upload"),
         ],
@@ -125,6 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         server, ca_file = _sink(tmp)
         port = int(server.server_address[1])
         print(f"{'workload':<34} {'scan':<8} {'median s':>9} {'MB/s':>8}")
+        # The baseline: bare mitmproxy intercepting the same upload.
+        results: dict[str, float] = {}
+        proc, url, proxy_ca = _bare_mitmproxy(tmp, ca_file)
+        try:
+            _upload(url, proxy_ca, body, port, resolve=True)
+            times = [_upload(url, proxy_ca, body, port, resolve=True) for _ in range(args.rounds)]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+        results["mitmdump"] = statistics.median(times)
+        rate = SIZE / results["mitmdump"] / 1e6
+        label = "inspected 10 MB upload (mitmdump)"
+        print(f"{label:<34} {'-':<8} {results['mitmdump']:>9.3f} {rate:>8.1f}")
         for scan in ("off", "enforce"):
             proc, url = _proxy(tmp, port, ca_file, scan)
             try:
@@ -135,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(timeout=15)
             median = statistics.median(times)
+            results[scan] = median
             rate = SIZE / median / 1e6
             print(f"{'inspected 10 MB upload':<34} {scan:<8} {median:>9.3f} {rate:>8.1f}")
+        for scan in ("off", "enforce"):
+            ratio = results["mitmdump"] / results[scan]
+            print(f"egress-warden (scan {scan}) / bare mitmproxy intercepting: {ratio:.2f}x")
         server.shutdown()
     return 0
 
