@@ -13,18 +13,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from proxy.control.access import BootstrapToken, Caller, Role, TokenVerifier, first_of
-from proxy.statedir import make_private_dir
+from proxy.registryfile import read_section, write_section
 
 ADMIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 # Names the proxy records itself, or the bootstrap token's default name: not for a person.
@@ -64,17 +59,7 @@ class AdminRegistry:
     @classmethod
     def load(cls, path: Path) -> AdminRegistry:
         """Read `path`; a missing file is an empty registry."""
-        if not path.exists():
-            return cls(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise AdminsFileError(f"{path}: cannot read admins file: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise AdminsFileError(f"{path}: expected a mapping with 'version: 1' and 'admins:'")
-        raw = data.get("admins") or {}
-        if not isinstance(raw, dict):
-            raise AdminsFileError(f"{path}: 'admins' must be a mapping of name to entry")
+        raw = read_section(path, "admins", "admins", AdminsFileError)
         entries: dict[str, AdminEntry] = {}
         for name, entry in raw.items():
             if not isinstance(name, str) or not ADMIN_NAME.fullmatch(name):
@@ -133,9 +118,10 @@ class AdminRegistry:
         """Write atomically (temp file + rename), mode 0600."""
         if self.path is None:
             raise AdminsFileError("no admins file configured")
-        data: dict[str, Any] = {
-            "version": 1,
-            "admins": {
+        write_section(
+            self.path,
+            "admins",
+            {
                 e.name: {
                     "role": e.role.value,
                     "salt": e.salt,
@@ -144,18 +130,8 @@ class AdminRegistry:
                 }
                 for e in self.entries()
             },
-        }
-        make_private_dir(self.path.parent)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".admins-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write("# egress-warden admins: managed with `egress-warden admins`\n")
-                yaml.safe_dump(data, handle, sort_keys=True)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            "egress-warden admins: managed with `egress-warden admins`",
+        )
 
 
 class PersonalTokens:

@@ -9,17 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from proxy.statedir import make_private_dir
+from proxy.registryfile import read_section, write_section
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
@@ -54,17 +49,7 @@ class AgentRegistry:
     @classmethod
     def load(cls, path: Path) -> AgentRegistry:
         """Read `path`; a missing file is an empty registry."""
-        if not path.exists():
-            return cls(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise AgentsFileError(f"{path}: cannot read agents file: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise AgentsFileError(f"{path}: expected a mapping with 'version: 1' and 'agents:'")
-        raw = data.get("agents") or {}
-        if not isinstance(raw, dict):
-            raise AgentsFileError(f"{path}: 'agents' must be a mapping of agent id to entry")
+        raw = read_section(path, "agents", "agents", AgentsFileError)
         entries: dict[str, AgentEntry] = {}
         for agent, entry in raw.items():
             if not isinstance(agent, str) or not AGENT_ID.fullmatch(agent):
@@ -117,23 +102,12 @@ class AgentRegistry:
         """Write atomically (temp file + rename), mode 0600."""
         if self.path is None:
             raise AgentsFileError("no agents file configured")
-        data: dict[str, Any] = {
-            "version": 1,
-            "agents": {
+        write_section(
+            self.path,
+            "agents",
+            {
                 e.agent: {"salt": e.salt, "hash": e.hash, "created_at": e.created_at}
                 for e in self.entries()
             },
-        }
-        # A new directory is private; an existing one may be the admin's own (the file can sit
-        # next to a policy), so it is not changed here: the file itself is 0600.
-        make_private_dir(self.path.parent)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".agents-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write("# egress-warden agents: managed with `egress-warden agents`\n")
-                yaml.safe_dump(data, handle, sort_keys=True)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            "egress-warden agents: managed with `egress-warden agents`",
+        )
