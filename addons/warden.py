@@ -336,18 +336,9 @@ class EgressWarden:
             accept = request.headers.get("accept")
             flow.response = _refusal_response(admission, facts, accept, self.gate.policy)
             return
-        assert facts.host is not None and admission.address is not None
         # TLS to a host under `inspect:` is intercepted (with the proxy's CA) so method and
         # path rules can apply; any other tunnel is relayed untouched after its ClientHello.
-        tunnel = _Tunnel(
-            facts,
-            server_id=flow.server_conn.id,
-            pin=_Pin(str(admission.address), request.port),
-            inspect=admission.inspect,
-            admitted=admission.decision,
-        )
-        self._close_tunnel(self._tunnels.pop(flow.client_conn.id, None))
-        self._tunnels[flow.client_conn.id] = tunnel
+        self.adopt_tunnel(flow.client_conn, flow.server_conn, facts, admission)
 
     async def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # An admitted raw CONNECT: read the ClientHello's server name without intercepting,
@@ -534,18 +525,9 @@ class EgressWarden:
         admission = await self.gate.admit(facts, _client_gone(data.client))
         if not admission.allowed:
             return
-        assert facts.host is not None and admission.address is not None
         # A host under `inspect:` is intercepted here as through CONNECT, so its method and
         # path rules cannot be bypassed by asking over SOCKS.
-        inspect = admission.inspect
-        self._close_tunnel(self._tunnels.pop(data.client.id, None))
-        self._tunnels[data.client.id] = _Tunnel(
-            facts,
-            server_id=data.server.id,
-            pin=_Pin(str(admission.address), data.port),
-            inspect=inspect,
-            admitted=admission.decision,
-        )
+        self.adopt_tunnel(data.client, data.server, facts, admission)
         data.allowed = True
 
     # -- transparent mode (the layer and its hook are addons/transparent.py) -----------------
@@ -557,9 +539,9 @@ class EgressWarden:
         facts: RequestFacts,
         admission: Admission,
     ) -> None:
-        """An admitted connection from another edge becomes a tunnel like a CONNECT one:
-        pinned to the checked address, SNI-checked, metered, re-checked on rule changes."""
-        assert admission.address is not None
+        """An admitted CONNECT, SOCKS or transparent connection becomes a tunnel: pinned to
+        the checked address, SNI-checked, metered, re-checked on rule changes."""
+        assert facts.host is not None and admission.address is not None
         self._close_tunnel(self._tunnels.pop(client.id, None))
         self._tunnels[client.id] = _Tunnel(
             facts,
