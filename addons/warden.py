@@ -567,6 +567,20 @@ class EgressWarden:
             flow.response.stream = meter.count_received
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # a WebSocket's meter runs on past the 101, to its end
+            self._close_exchange(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        # Payload bytes of each whole message (as for HTTP bodies: no framing or headers).
+        meter = flow.metadata.get("egress.meter")
+        if isinstance(meter, _Meter) and flow.websocket is not None:
+            message = flow.websocket.messages[-1]
+            if message.from_client:
+                meter.sent += len(message.content)
+            else:
+                meter.received += len(message.content)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._close_exchange(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
