@@ -43,7 +43,15 @@ from proxy.telemetry.events import (
 )
 from proxy.telemetry.hub import Event
 
-__all__ = ["OtelSink", "TraceParent", "build_otel_sink", "otel_resource", "parse_traceparent"]
+__all__ = [
+    "BYTE_LABELS",
+    "BoundedLabel",
+    "OtelSink",
+    "TraceParent",
+    "build_otel_sink",
+    "otel_resource",
+    "parse_traceparent",
+]
 
 SERVICE_NAME: Final = "egress-warden"
 SCOPE_NAME: Final = "egress-warden"
@@ -58,6 +66,16 @@ DEFAULT_EXPORT_TIMEOUT_S: Final = 5.0
 DEFAULT_METRIC_EXPORT_INTERVAL_MS: Final = 60_000
 DEFAULT_METRIC_EXPORT_TIMEOUT_MS: Final = 5_000
 WARN_INTERVAL_S: Final = 30.0
+
+# `egress.bytes` split by destination and agent, for capacity planning: off unless asked for
+# (`EGRESS_WARDEN_METRICS_LABELS=host,agent`), and bounded (the first N distinct values of each
+# keep their own label, later ones are counted as `other`), so a crawl over a million hosts
+# cannot grow the metric state or the collector's series without bound.
+METRICS_LABELS_ENV: Final = "EGRESS_WARDEN_METRICS_LABELS"
+METRICS_LABEL_LIMIT_ENV: Final = "EGRESS_WARDEN_METRICS_LABEL_LIMIT"
+DEFAULT_METRICS_LABEL_LIMIT: Final = 100
+OTHER_LABEL: Final = "other"
+BYTE_LABELS: Final[dict[str, str]] = {"host": "server.address", "agent": "egress.agent.id"}
 
 # Approval waits span from milliseconds (auto/webhook) to an hour (a human at lunch).
 APPROVAL_WAIT_BUCKETS_MS: Final = (
@@ -300,6 +318,25 @@ class _CountingBatchProcessor(BatchLogRecordProcessor):
         super().on_emit(log_record)
 
 
+class BoundedLabel:
+    """One metric label's values, top-N by arrival: the first `limit` distinct values keep their
+    own label, every later one reads `other` (series per label: at most limit + 1)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._kept:
+            return value
+        with self._lock:
+            if len(self._kept) < self.limit:
+                self._kept.add(value)
+                return value
+        return OTHER_LABEL
+
+
 # --- the sink ------------------------------------------------------------------------------
 
 
@@ -322,7 +359,14 @@ class OtelSink:
         export_timeout_ms: float = DEFAULT_EXPORT_TIMEOUT_S * 1000,
         metric_export_interval_ms: float = DEFAULT_METRIC_EXPORT_INTERVAL_MS,
         metric_export_timeout_ms: float = DEFAULT_METRIC_EXPORT_TIMEOUT_MS,
+        byte_labels: Sequence[str] = (),
+        label_limit: int = DEFAULT_METRICS_LABEL_LIMIT,
     ) -> None:
+        unknown = sorted(set(byte_labels) - BYTE_LABELS.keys())
+        if unknown:
+            raise ValueError(f"unknown egress.bytes label {unknown[0]!r} (use host, agent)")
+        # attribute name -> its bounded value set, in a fixed order
+        self._byte_labels = {BYTE_LABELS[k]: BoundedLabel(label_limit) for k in byte_labels}
         self.resource = resource if resource is not None else otel_resource()
         self._dropped = 0
         self._drop_lock = threading.Lock()
@@ -480,10 +524,22 @@ class OtelSink:
                     },
                 )
             case ConnectionCloseEvent():
-                self._bytes.add(event.bytes_sent, {"direction": "sent"})
-                self._bytes.add(event.bytes_received, {"direction": "received"})
+                labels = self._byte_attributes(event)
+                self._bytes.add(event.bytes_sent, {"direction": "sent", **labels})
+                self._bytes.add(event.bytes_received, {"direction": "received", **labels})
             case _:
                 pass
+
+    def _byte_attributes(self, event: ConnectionCloseEvent) -> dict[str, str]:
+        if not self._byte_labels:
+            return {}
+        values = {"server.address": event.host, "egress.agent.id": event.agent}
+        # An anonymous connection has no agent label (as its log record has no agent id).
+        return {
+            name: bounded(value)
+            for name, bounded in self._byte_labels.items()
+            if (value := values[name]) is not None
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -631,6 +687,16 @@ def _metric_exporter(env: Mapping[str, str]) -> MetricExporter:
     return HttpMetricExporter(endpoint=endpoint, timeout=timeout)
 
 
+def _byte_labels(env: Mapping[str, str]) -> tuple[list[str], int]:
+    raw = _get(env, METRICS_LABELS_ENV) or ""
+    labels = [item.strip().lower() for item in raw.split(",") if item.strip()]
+    unknown = [label for label in labels if label not in BYTE_LABELS]
+    if unknown:
+        raise ValueError(f"{METRICS_LABELS_ENV}: unknown label {unknown[0]!r} (use host, agent)")
+    limit = int(_number(env, METRICS_LABEL_LIMIT_ENV, DEFAULT_METRICS_LABEL_LIMIT))
+    return list(dict.fromkeys(labels)), limit
+
+
 def build_otel_sink(env: Mapping[str, str] | None = None) -> OtelSink | None:
     """An OtelSink configured from the standard `OTEL_*` variables, or None when OTLP is off.
 
@@ -642,7 +708,9 @@ def build_otel_sink(env: Mapping[str, str] | None = None) -> OtelSink | None:
     come from `OTEL_BLRP_*` and `OTEL_METRIC_EXPORT_*`, the export timeout from
     `OTEL_EXPORTER_OTLP[_LOGS|_METRICS]_TIMEOUT` (seconds, as the Python SDK reads it; default
     5). Headers, TLS and compression are read by the exporters themselves from the process
-    environment (`os.environ`), whatever `env` is passed.
+    environment (`os.environ`), whatever `env` is passed. `EGRESS_WARDEN_METRICS_LABELS=host,agent`
+    splits `egress.bytes` by `server.address` and/or `egress.agent.id`, the first
+    `EGRESS_WARDEN_METRICS_LABEL_LIMIT` (default 100) distinct values of each, later ones `other`.
     """
     env = os.environ if env is None else env
     if (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
@@ -651,6 +719,7 @@ def build_otel_sink(env: Mapping[str, str] | None = None) -> OtelSink | None:
     if not (logs_on or metrics_on):
         return None
     max_queue = int(_number(env, "OTEL_BLRP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE))
+    byte_labels, label_limit = _byte_labels(env)
     return OtelSink(
         _log_exporter(env) if logs_on else None,
         _metric_exporter(env) if metrics_on else None,
@@ -667,4 +736,6 @@ def build_otel_sink(env: Mapping[str, str] | None = None) -> OtelSink | None:
         metric_export_timeout_ms=_number(
             env, "OTEL_METRIC_EXPORT_TIMEOUT", DEFAULT_METRIC_EXPORT_TIMEOUT_MS
         ),
+        byte_labels=byte_labels,
+        label_limit=label_limit,
     )
