@@ -17,14 +17,15 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import httpx
 
 from proxy.control.token import TOKEN_ENV
 from proxy.policy.model import parse_duration
 from proxy.render import safe_text
+
+if TYPE_CHECKING:  # httpx (with rich and click) is imported by a client, not by `run`
+    import httpx
 
 URL_ENV = "EGRESS_WARDEN_CONTROL_URL"
 DEFAULT_CONTROL_URL = "http://127.0.0.1:8081"
@@ -66,6 +67,8 @@ class ControlClient:
     """Synchronous client for the control API; every failure raises `ControlError`."""
 
     def __init__(self, base_url: str, token: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        import httpx
+
         self.base_url = normalize_base_url(base_url)
         try:
             self._http = httpx.Client(
@@ -182,6 +185,8 @@ class ControlClient:
         subject: tuple[str, str, str] | None = None,
     ) -> Any:
         """Send one request; `subject` is (kind, id, listing command) for 404/409 messages."""
+        import httpx
+
         try:
             response = self._http.request(method, path, params=params, json=json_body)
         except httpx.TimeoutException as exc:

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import idna
-from confusable_homoglyphs import confusables  # type: ignore[import-untyped]
 
 from proxy.hosts import Host
 from proxy.policy.match import PatternKind, RuleSet, parse_pattern
@@ -40,6 +39,9 @@ _ENTROPY_MIN_LENGTH = 16
 def _prototype(char: str) -> str:
     """The character `char` is confused with, as one ASCII letter or digit when the Unicode
     confusables table (via confusable-homoglyphs) has one; otherwise `char` itself."""
+    # Imported when a rules reviewer first looks at a name (~40 ms and its tables), not at start.
+    from confusable_homoglyphs import confusables  # type: ignore[import-untyped]
+
     candidates = {char} if char.isascii() else set()
     for glyph in confusables.confusables_data.get(char, ()):
         text = glyph["c"].strip("\u200e")
@@ -207,6 +209,8 @@ class RulesReviewer:
             if not label.startswith("xn--"):
                 continue
             text = unicode_name(label)
+            from confusable_homoglyphs import confusables
+
             if confusables.is_mixed_script(text):
                 detail = f"label {text!r} mixes scripts"
                 found.append(Signal("mixed_script", detail, ReviewOutcome.ESCALATE))

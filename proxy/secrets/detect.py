@@ -10,10 +10,14 @@ out for itself.
 
 A hit is a credential only where it does not belong: a vendor token to that vendor's hosts, or
 a brokered secret's value to its owner hosts, passes.
+
+`detect-secrets` (and the `requests` stack it pulls in) is imported at the first scan, not at
+start: only inspected hosts are scanned, and most proxies inspect none (~60 ms, several MiB).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import urllib.parse
@@ -21,31 +25,18 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import brotli  # type: ignore[import-untyped]  # mitmproxy's dependency; no stubs
-from detect_secrets.plugins.aws import AWSKeyDetector
-from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
-from detect_secrets.plugins.base import BasePlugin
-from detect_secrets.plugins.basic_auth import BasicAuthDetector
-from detect_secrets.plugins.discord import DiscordBotTokenDetector
-from detect_secrets.plugins.github_token import GitHubTokenDetector
-from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
-from detect_secrets.plugins.keyword import DENYLIST as KEYWORDS
-from detect_secrets.plugins.keyword import KeywordDetector
-from detect_secrets.plugins.npm import NpmDetector
-from detect_secrets.plugins.openai import OpenAIDetector
-from detect_secrets.plugins.private_key import PrivateKeyDetector
-from detect_secrets.plugins.pypi_token import PypiTokenDetector
-from detect_secrets.plugins.sendgrid import SendGridDetector
-from detect_secrets.plugins.slack import SlackDetector
-from detect_secrets.plugins.stripe import StripeDetector
-from detect_secrets.plugins.twilio import TwilioKeyDetector
 
 from proxy.hosts import Host
 from proxy.policy.model import SecretRule
 from proxy.secrets import Finding
 from proxy.secrets.broker import SecretUnavailable, owns, read_value
 from proxy.verdicts import Reason
+
+if TYPE_CHECKING:
+    from detect_secrets.plugins.base import BasePlugin
 
 MAX_BODY_BYTES = 1 << 20  # scanned per request (decoded); the rest passes unscanned
 MAX_SCAN_SECONDS = 0.1  # per request (~50 ms per MiB measured); past it the rest passes
@@ -58,7 +49,6 @@ _OVERLAP = 512
 # Every keyword contains one of these: a substring test on the lower-cased text (memchr-fast)
 # decides whether the keyword regex runs at all (the regex itself costs ~9 ms per 64 KiB).
 _KEYWORD_WORDS = ("key", "pass", "pwd", "secret", "contras")
-assert all(any(w in k for w in _KEYWORD_WORDS) for k in KEYWORDS)
 
 
 def _has_keyword(text: str) -> bool:
@@ -75,9 +65,30 @@ class _Detector:
     name: str  # the plugin's secret type, as events show it
     plugin: BasePlugin
     owners: tuple[str, ...]  # host suffixes a hit may go to ("github.com" covers subdomains)
+    keyword: bool = False  # the keyword detector: bodies and URLs only, on key-like lines
 
 
-def _detectors() -> tuple[_Detector, ...]:
+@functools.cache
+def detectors() -> tuple[_Detector, ...]:
+    """The detectors, built (and `detect-secrets` imported) on first use."""
+    from detect_secrets.plugins.aws import AWSKeyDetector
+    from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
+    from detect_secrets.plugins.basic_auth import BasicAuthDetector
+    from detect_secrets.plugins.discord import DiscordBotTokenDetector
+    from detect_secrets.plugins.github_token import GitHubTokenDetector
+    from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
+    from detect_secrets.plugins.keyword import DENYLIST as KEYWORDS
+    from detect_secrets.plugins.keyword import KeywordDetector
+    from detect_secrets.plugins.npm import NpmDetector
+    from detect_secrets.plugins.openai import OpenAIDetector
+    from detect_secrets.plugins.private_key import PrivateKeyDetector
+    from detect_secrets.plugins.pypi_token import PypiTokenDetector
+    from detect_secrets.plugins.sendgrid import SendGridDetector
+    from detect_secrets.plugins.slack import SlackDetector
+    from detect_secrets.plugins.stripe import StripeDetector
+    from detect_secrets.plugins.twilio import TwilioKeyDetector
+
+    assert all(any(w in k for w in _KEYWORD_WORDS) for k in KEYWORDS)
     vendor = (
         (PrivateKeyDetector(), ()),
         (AWSKeyDetector(), ("amazonaws.com", "aws.amazon.com")),
@@ -98,12 +109,8 @@ def _detectors() -> tuple[_Detector, ...]:
         (BasicAuthDetector(), ()),
     )
     found = [_Detector(str(p.secret_type), p, owners) for p, owners in vendor]
-    found.append(_KEYWORD)
+    found.append(_Detector("Secret Keyword", KeywordDetector(), (), keyword=True))
     return tuple(found)
-
-
-_KEYWORD = _Detector("Secret Keyword", KeywordDetector(), ())  # bodies and URLs, not headers
-DETECTORS = _detectors()
 
 
 def entropy(text: str) -> float:
@@ -169,8 +176,8 @@ class Scan:
         for window in _windows(text, _WINDOW):
             if self._out_of_time():
                 return None
-            for detector in DETECTORS:
-                if detector is _KEYWORD:
+            for detector in detectors():
+                if detector.keyword:
                     if header or not _has_keyword(window):
                         continue
                     values: Iterable[str] = (

@@ -3,35 +3,24 @@
 Export never blocks the proxy: `emit()` only appends to a bounded in-memory queue that a
 background thread drains; when the collector is down or hangs the queue fills, records are
 dropped (and counted), and the proxy carries on.
+
+The SDK and the exporters are imported only when OTLP export is configured (`build_otel_sink`
+finds an endpoint): a proxy without a collector never loads them (~40 ms and ~7 MiB at start).
+The SDK-facing classes live in `proxy.telemetry.otel_export`.
 """
 
 from __future__ import annotations
 
-import collections
-import inspect
 import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from urllib.parse import unquote
 
 import structlog
-from opentelemetry._logs import SeverityNumber
-from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord, ReadWriteLogRecord
-from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
-    LogRecordExporter,
-    LogRecordExportResult,
-)
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 import proxy
 from proxy.render import storable_text
@@ -42,6 +31,16 @@ from proxy.telemetry.events import (
     DecisionEvent,
 )
 from proxy.telemetry.hub import Event
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Observation
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import LogRecordExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.resources import Resource
+
+    from proxy.telemetry.otel_export import CountingBatchProcessor, CountingExporter
 
 __all__ = [
     "BYTE_LABELS",
@@ -91,13 +90,6 @@ APPROVAL_WAIT_BUCKETS_MS: Final = (
     3_600_000.0,
 )
 
-_SEVERITY: Final[dict[str, tuple[SeverityNumber, str]]] = {
-    "debug": (SeverityNumber.DEBUG, "DEBUG"),
-    "info": (SeverityNumber.INFO, "INFO"),
-    "warning": (SeverityNumber.WARN, "WARN"),
-    "error": (SeverityNumber.ERROR, "ERROR"),
-}
-
 _log = structlog.get_logger("egress.telemetry")
 
 
@@ -136,23 +128,6 @@ def _traceparent_of(event: Event) -> str | None:
             return event.traceparent
         case _:
             return None
-
-
-def _context_for(traceparent: str | None) -> Context:
-    # An explicit empty Context, never the ambient one: a record must only carry the trace the
-    # agent sent, not whatever happens to be current in the proxy's thread.
-    parsed = parse_traceparent(traceparent)
-    if parsed is None:
-        return Context()
-    span = NonRecordingSpan(
-        SpanContext(
-            parsed.trace_id,
-            parsed.span_id,
-            is_remote=True,
-            trace_flags=TraceFlags(parsed.trace_flags),
-        )
-    )
-    return set_span_in_context(span, Context())
 
 
 # --- attributes and resource ---------------------------------------------------------------
@@ -209,6 +184,8 @@ def otel_resource(env: Mapping[str, str] | None = None) -> Resource:
     attrs.update(_parse_resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", "")))
     if service_name := env.get("OTEL_SERVICE_NAME", "").strip():
         attrs["service.name"] = service_name
+    from opentelemetry.sdk.resources import Resource
+
     # Resource.create adds telemetry.sdk.* and runs the configured detectors; ours win.
     return Resource.create(dict(attrs))
 
@@ -232,90 +209,6 @@ class _RateLimitedWarning:
                 return
             self._last = now
         _log.warning(self._event, logger="egress.telemetry", **fields)
-
-
-class _CountingExporter(LogRecordExporter):
-    """Wraps the OTLP exporter to count exported and failed records (the SDK does not)."""
-
-    def __init__(self, inner: LogRecordExporter, on_failure: Callable[[int], None]) -> None:
-        self._inner = inner
-        self._on_failure = on_failure
-        self.exported_ok = 0
-        self.export_failures = 0
-        self._shut = False
-        self._shutdown_lock = threading.Lock()
-
-    def abort(self) -> None:
-        """Shut the OTLP exporter down now, from another thread: its retry loop stops."""
-        _start(lambda: self.shutdown(timeout_millis=0))
-
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        try:
-            result = self._inner.export(batch)
-        except Exception:  # an exporter bug must not kill the export thread
-            result = LogRecordExportResult.FAILURE
-        # Only the processor's single worker thread calls export, so plain ints are safe.
-        if result is LogRecordExportResult.SUCCESS:
-            self.exported_ok += len(batch)
-        else:
-            self.export_failures += len(batch)
-            self._on_failure(len(batch))
-        return result
-
-    # `timeout_millis` must be a named parameter: BatchProcessor inspects the signature.
-    def shutdown(self, timeout_millis: float = 30_000) -> None:
-        with self._shutdown_lock:
-            if self._shut:
-                return
-            self._shut = True
-        if "timeout_millis" in inspect.signature(self._inner.shutdown).parameters:
-            self._inner.shutdown(timeout_millis=timeout_millis)  # type: ignore[no-untyped-call,call-arg]
-        else:
-            self._inner.shutdown()  # type: ignore[no-untyped-call]
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class _CountingBatchProcessor(BatchLogRecordProcessor):
-    """The SDK's batch processor, counting the records it drops when its queue is full.
-
-    The SDK drops the oldest record silently (a stdlib log line at most); we look at the
-    queue before handing the record over. The queue is a private detail of the SDK, so if a
-    future SDK hides it we stop counting rather than fail.
-    """
-
-    def __init__(
-        self,
-        exporter: LogRecordExporter,
-        on_drop: Callable[[], None],
-        *,
-        schedule_delay_millis: float,
-        max_export_batch_size: int,
-        export_timeout_millis: float,
-        max_queue_size: int,
-    ) -> None:
-        super().__init__(
-            exporter,
-            schedule_delay_millis=schedule_delay_millis,
-            max_export_batch_size=max_export_batch_size,
-            export_timeout_millis=export_timeout_millis,
-            max_queue_size=max_queue_size,
-        )
-        self._on_drop = on_drop
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        self._queue: collections.deque[Any] | None = (
-            queue if isinstance(queue, collections.deque) and queue.maxlen else None
-        )
-
-    def queue_length(self) -> int:
-        return len(self._queue) if self._queue is not None else 0
-
-    def on_emit(self, log_record: ReadWriteLogRecord) -> None:
-        queue = self._queue
-        if queue is not None and len(queue) >= (queue.maxlen or 0):
-            self._on_drop()
-        super().on_emit(log_record)
 
 
 class BoundedLabel:
@@ -376,12 +269,21 @@ class OtelSink:
         self._warn_dropped = _RateLimitedWarning("egress.telemetry.dropped")
         self._warn_failed = _RateLimitedWarning("egress.telemetry.export_failed")
 
-        self._exporter: _CountingExporter | None = None
-        self._processor: _CountingBatchProcessor | None = None
+        # Only now the SDK: a process without OTLP export never constructs a sink.
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        from proxy.telemetry import otel_export
+
+        self._severity = otel_export.SEVERITY
+        self._context_for = otel_export.context_for
+        self._exporter: CountingExporter | None = None
+        self._processor: CountingBatchProcessor | None = None
         self._logger_provider: LoggerProvider | None = None
         if log_exporter is not None:
-            self._exporter = _CountingExporter(log_exporter, self._export_failed)
-            self._processor = _CountingBatchProcessor(
+            self._exporter = otel_export.CountingExporter(log_exporter, self._export_failed)
+            self._processor = otel_export.CountingBatchProcessor(
                 self._exporter,
                 self._record_dropped,
                 schedule_delay_millis=schedule_delay_ms,
@@ -479,6 +381,8 @@ class OtelSink:
                 value = self._pending_source()
             except Exception:  # a broken callback must not stop the other metrics
                 return []
+        from opentelemetry.metrics import Observation
+
         return [Observation(value)]
 
     # -- Sink ------------------------------------------------------------------------------
@@ -490,10 +394,10 @@ class OtelSink:
             return
         try:
             if self._logger is not None:
-                number, text = _SEVERITY.get(severity, _SEVERITY["info"])
+                number, text = self._severity.get(severity, self._severity["info"])
                 self._logger.emit(
                     timestamp=time.time_ns(),
-                    context=_context_for(_traceparent_of(event)),
+                    context=self._context_for(_traceparent_of(event)),
                     severity_number=number,
                     severity_text=text,
                     body=event.name,
