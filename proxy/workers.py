@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from proxy.config import Endpoint
-from proxy.control.token import load_or_create_token
+from proxy.control.token import WeakTokenError, load_control_token
 
 REUSE_PORT_ENV = "EGRESS_WARDEN_REUSE_PORT"
 
@@ -36,7 +36,11 @@ def supervise(
     """Start `workers` copies of `egress-warden run` and wait; returns the exit code."""
     listen = Endpoint(listen.host, listen.port or _free_port(listen.host))
     control = Endpoint(control.host, control.port or _free_port(control.host))
-    load_or_create_token(state_dir)  # generated once, shared by every worker
+    try:
+        load_control_token(state_dir)  # generated once, shared by every worker
+    except WeakTokenError as exc:
+        print(f"egress-warden: {exc}", file=sys.stderr)
+        return 1
     # The last occurrence of an option wins: each worker runs alone on the fixed ports.
     argv = [*run_argv, "--workers", "1", "--listen", str(listen), "--control", str(control)]
     env = {**os.environ, REUSE_PORT_ENV: "1"}

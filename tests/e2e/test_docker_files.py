@@ -7,6 +7,7 @@ HEALTHCHECK command runs against that real instance.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -211,12 +212,43 @@ def test_compose_sidecar_is_locked_down(compose: dict[str, Any]) -> None:
     env = _env(warden)
     assert env["EGRESS_WARDEN_STORE"].startswith("postgresql://")
     assert "@postgres:5432/" in env["EGRESS_WARDEN_STORE"]
+    assert "${POSTGRES_PASSWORD:?" in env["EGRESS_WARDEN_STORE"]  # required, no default
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     assert env["EGRESS_WARDEN_CONTROL_TOKEN"].startswith("${")  # from the environment
     deps = warden["depends_on"]
     assert deps["postgres"]["condition"] == "service_healthy"
     assert "otel-collector" in deps
     assert services["agent"]["depends_on"]["egress-warden"]["condition"] == "service_healthy"
+
+
+def test_compose_control_api_is_off_the_agents_network(compose: dict[str, Any]) -> None:
+    services, networks = compose["services"], compose["networks"]
+    warden = services["egress-warden"]
+    host, _, port = _env(warden)["EGRESS_WARDEN_CONTROL"].rpartition(":")
+    assert port == "8081"
+    # A wildcard would listen on agent-net too: the control address must be one the agent's
+    # networks do not hold.
+    assert host not in ("", "0.0.0.0", "::", "[::]")
+    attached = warden["networks"]
+    holding = [n for n, cfg in attached.items() if (cfg or {}).get("ipv4_address") == host]
+    assert len(holding) == 1, "the control address must be egress-warden's own on one network"
+    net = holding[0]
+    subnet = networks[net]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(host) in ipaddress.ip_network(subnet)
+    for name, service in services.items():
+        if name != "egress-warden" and "agent" in name:
+            assert net not in _networks(service), name
+    assert net not in _networks(services["agent"]) and not networks[net].get("internal")
+    # Published on the host's loopback, and the console there sends Host: 127.0.0.1:8081.
+    assert "127.0.0.1:8081:8081" in warden["ports"]
+    assert "127.0.0.1" in _env(warden)["EGRESS_WARDEN_CONTROL_HOST"].split()
+
+
+def test_compose_ships_no_password(compose: dict[str, Any]) -> None:
+    text = (DOCKER / "compose.yaml").read_text()
+    assert "POSTGRES_PASSWORD:-" not in text and "egress-warden-dev" not in text
+    postgres = _env(compose["services"]["postgres"])
+    assert postgres["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
 
 
 def test_compose_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
@@ -342,16 +374,21 @@ def test_k8s_sidecar_variant_points_at_loopback(k8s: list[dict[str, Any]]) -> No
     assert "per pod" in text.lower() or "applies to a pod" in text
 
 
-def test_k8s_agent_networkpolicy_allows_only_the_proxy_and_dns(
+def test_k8s_agent_networkpolicy_allows_only_the_proxy_not_dns(
     k8s: list[dict[str, Any]],
 ) -> None:
     agent = _find(k8s, "Deployment", "agent")
     labels = agent["spec"]["template"]["metadata"]["labels"]
     assert labels["role"] == "agent"
-    containers = agent["spec"]["template"]["spec"]["containers"]
+    spec = agent["spec"]["template"]["spec"]
+    containers = spec["containers"]
     env = {e["name"]: e.get("value") for c in containers for e in c.get("env", [])}
-    assert env["HTTPS_PROXY"] == "http://egress-warden:8080"
+    # The Service's address from the service links: the agent has no DNS to look a name up.
+    assert env["HTTPS_PROXY"] == "http://$(EGRESS_WARDEN_SERVICE_HOST):8080"
+    assert spec["enableServiceLinks"] is True
     assert all(c["name"] != "egress-warden" for c in containers)
+    assert spec["dnsPolicy"] == "None"
+    assert spec["dnsConfig"]["nameservers"] == ["127.0.0.1"]
 
     policies = [
         d
@@ -367,33 +404,21 @@ def test_k8s_agent_networkpolicy_allows_only_the_proxy_and_dns(
     assert egress_policies, "no NetworkPolicy restricts the agent's egress"
     rules = [rule for p in egress_policies for rule in p["spec"].get("egress", [])]
     assert rules, "the agent must be able to reach egress-warden"
-    seen_proxy = seen_dns = False
     for rule in rules:
         peers, ports = rule["to"], rule["ports"]
         assert peers and ports, "a rule without `to` or `ports` allows everything"
+        # Only the proxy port: in particular no UDP/TCP 53 to kube-dns (DNS is a way out).
+        assert {(p.get("protocol", "TCP"), p["port"]) for p in ports} == {("TCP", 8080)}
         for peer in peers:
-            assert "ipBlock" not in peer
-        port_set = {(p.get("protocol", "TCP"), p["port"]) for p in ports}
-        if port_set == {("TCP", 8080)}:
-            assert all(
-                set(peer) == {"podSelector"}
-                and peer["podSelector"] == {"matchLabels": {"app": "egress-warden"}}
-                for peer in peers
-            )
-            seen_proxy = True
-        else:
-            assert port_set <= {("UDP", 53), ("TCP", 53)}, port_set
-            for peer in peers:
-                assert peer["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
-                ns = peer["namespaceSelector"]["matchLabels"]
-                assert ns == {"kubernetes.io/metadata.name": "kube-system"}
-            seen_dns = True
-    assert seen_proxy and seen_dns
+            assert set(peer) == {"podSelector"}
+            assert peer["podSelector"] == {"matchLabels": {"app": "egress-warden"}}
     warden = _find(k8s, "Deployment", "egress-warden")
     assert warden["spec"]["template"]["metadata"]["labels"]["app"] == "egress-warden"
     service = _find(k8s, "Service", "egress-warden")
     assert service["spec"]["selector"] == {"app": "egress-warden"}
     assert 8080 in {p["port"] for p in service["spec"]["ports"]}
+    text = (DOCKER / "k8s/networkpolicy.yaml").read_text().lower()
+    assert "not even dns" in text and "channel out" in text
 
 
 def test_k8s_egress_warden_networkpolicy(k8s: list[dict[str, Any]]) -> None:
@@ -415,10 +440,33 @@ def test_k8s_egress_warden_networkpolicy(k8s: list[dict[str, Any]]) -> None:
     assert default_deny["spec"]["podSelector"] == {}
 
 
-def test_k8s_secret_is_a_marked_placeholder(k8s: list[dict[str, Any]]) -> None:
-    secret = _find(k8s, "Secret", "egress-warden")
-    for key, value in secret["stringData"].items():
-        assert "CHANGE-ME" in value, key
+CREATE_SECRET = re.compile(
+    r"kubectl -n agents create secret generic egress-warden((?:\\\n|[^\n])*)"
+)
+
+
+def test_k8s_applies_no_secret_and_documents_the_one_to_create(
+    k8s: list[dict[str, Any]],
+) -> None:
+    assert not [d for d in k8s if d["kind"] == "Secret"], "kubectl apply would deploy a secret"
+    refs: set[tuple[str, str]] = set()
+    for _labels, spec in _pod_specs(k8s):
+        for container in _containers(spec):
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+    assert {name for name, _ in refs} == {"egress-warden"}
+    keys = {key for _, key in refs}
+    assert keys == {"control-token", "postgres-password", "store-url"}
+    for path in (DOCKER / "k8s/egress-warden.yaml", REPO / "docs/fleet.md"):
+        command = CREATE_SECRET.search(path.read_text())
+        assert command, f"{path}: the Secret's one-liner is missing"
+        literals = dict(re.findall(r"--from-literal=([\w-]+)=\"?([^\s\"]+)", command.group(1)))
+        assert set(literals) == keys, path
+        assert literals["control-token"] == "$(openssl"  # random, never a fixed value
+    namespace = _find(k8s, "Namespace", "agents")
+    assert namespace["metadata"]["name"] == "agents"
 
 
 def test_k8s_configmap_policy_is_valid(k8s: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -515,6 +563,84 @@ def test_entrypoint_maps_variables(fake_bin: Path, tmp_path: Path) -> None:
     }
     assert "EGRESS_WARDEN_CONTROL_TOKEN" in err
     assert "s3cret-token-value" not in err
+
+
+# Every `run` option, its variable and two values (lists get two items to show the splitting).
+RUN_OPTION_VARIABLES: dict[str, tuple[str, str, list[str]]] = {
+    "--agents": ("EGRESS_WARDEN_AGENTS", "/etc/ew/agents.yaml", ["/etc/ew/agents.yaml"]),
+    "--control-host": (
+        "EGRESS_WARDEN_CONTROL_HOST",
+        "127.0.0.1  warden.example",
+        ["127.0.0.1", "warden.example"],
+    ),
+    "--socks": ("EGRESS_WARDEN_SOCKS", "0.0.0.0:1080", ["0.0.0.0:1080"]),
+    "--transparent": ("EGRESS_WARDEN_TRANSPARENT", "127.0.0.1:15001", ["127.0.0.1:15001"]),
+    "--dns": ("EGRESS_WARDEN_DNS", "127.0.0.1:15053", ["127.0.0.1:15053"]),
+    "--source-agent": (
+        "EGRESS_WARDEN_SOURCE_AGENT",
+        "10.0.0.0/24=ci-bot fd00::/64=dev",
+        ["10.0.0.0/24=ci-bot", "fd00::/64=dev"],
+    ),
+    "--resolve": (
+        "EGRESS_WARDEN_RESOLVE",
+        "a.test:10.0.0.5\tb.test:2001:db8::5",
+        ["a.test:10.0.0.5", "b.test:2001:db8::5"],
+    ),
+    "--nameserver": (
+        "EGRESS_WARDEN_NAMESERVER",
+        "10.0.0.53 [2001:db8::53]:5353",
+        ["10.0.0.53", "[2001:db8::53]:5353"],
+    ),
+    "--drain": ("EGRESS_WARDEN_DRAIN", "25s", ["25s"]),
+    "--workers": ("EGRESS_WARDEN_WORKERS", "4", ["4"]),
+    "--upstream-ca": ("EGRESS_WARDEN_UPSTREAM_CA", "/etc/ssl/corp.pem", ["/etc/ssl/corp.pem"]),
+    "--audit-retention": ("EGRESS_WARDEN_AUDIT_RETENTION", "7d", ["7d"]),
+    "--audit-per-agent": ("EGRESS_WARDEN_AUDIT_PER_AGENT", "5000", ["5000"]),
+    "--requirements": ("EGRESS_WARDEN_REQUIREMENTS", "/etc/req.yaml", ["/etc/req.yaml"]),
+    "--mode": ("EGRESS_WARDEN_MODE", "audit", ["audit"]),
+    "--store": ("EGRESS_WARDEN_STORE", "postgresql://w@db/w", ["postgresql://w@db/w"]),
+}
+ALWAYS_GIVEN = {"--listen", "--control", "--policy", "--state-dir"}
+
+
+def _run_options() -> set[str]:
+    """The options `egress-warden run --help` lists (from the real parser)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "addons.cli", "run", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(re.findall(r"^\s+(--[a-z][a-z-]*)", result.stdout, re.MULTILINE)) - {"--help"}
+
+
+def test_entrypoint_has_a_variable_for_every_run_option() -> None:
+    options = _run_options()
+    assert "--transparent" in options and "--dns" in options
+    assert options == set(RUN_OPTION_VARIABLES) | ALWAYS_GIVEN
+    header = ENTRYPOINT.read_text().split("set -eu", 1)[0]
+    for option, (variable, _, _) in RUN_OPTION_VARIABLES.items():
+        assert f"{variable} " in header and option in header, f"{variable} is not documented"
+
+
+@pytest.mark.parametrize("option", sorted(RUN_OPTION_VARIABLES))
+def test_entrypoint_maps_each_run_option(fake_bin: Path, option: str) -> None:
+    variable, value, expected = RUN_OPTION_VARIABLES[option]
+    argv, _ = _entry(fake_bin, **{variable: value})
+    flags = _flags(argv)
+    assert flags[option] == expected
+    assert set(flags) == ALWAYS_GIVEN | {option}
+    # Unset or empty: no flag at all (the proxy's own default applies).
+    argv, _ = _entry(fake_bin, **{variable: ""})
+    assert option not in _flags(argv)
+
+
+def test_entrypoint_list_items_are_not_globbed(fake_bin: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.test:1.1.1.1").write_text("")
+    argv, _ = _entry(fake_bin, EGRESS_WARDEN_RESOLVE=f"{tmp_path}/*")
+    assert _flags(argv)["--resolve"] == [f"{tmp_path}/*"]
 
 
 def test_entrypoint_store_goes_with_the_state_dir(fake_bin: Path, tmp_path: Path) -> None:
