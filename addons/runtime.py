@@ -16,6 +16,7 @@ from mitmproxy.proxy import layer, mode_servers
 
 from addons import socks, transparent
 from addons.http_guard import HttpGuard
+from addons.relay import RelayMode, RelaySettings, relay_mode
 from addons.warden import EgressWarden
 from proxy.config import RunConfig
 from proxy.dnsserver import DnsListener, PolicyDns
@@ -83,6 +84,10 @@ def _proxy_options(cfg: RunConfig) -> options.Options:
 
 async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) -> int:
     """Run the proxy and the control API until SIGINT/SIGTERM (then drain). Returns 0."""
+    try:
+        mode = relay_mode()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     service = Service(cfg, policy, warnings)
     await service.start()
 
@@ -96,7 +101,9 @@ async def serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) ->
         if handler is not None:
             handler.close_connection(handler.client)
 
-    warden = EgressWarden(service.gate, service.marker, close_client)
+    # Admitted raw tunnels leave mitmproxy's event pump for the relay (addons/relay.py).
+    relay = None if mode is RelayMode.MITMPROXY else RelaySettings(mode, ps.connections.get)
+    warden = EgressWarden(service.gate, service.marker, close_client, relay)
     # The policy-aware DNS tells the transparent edge which name an address was handed out for
     # (a synthetic address, or an allowed name's real one), so a connection that names nothing
     # is decided by that name before the gate decides.

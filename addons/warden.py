@@ -30,12 +30,12 @@ if __name__.startswith("__mitmproxy_script__"):
         sys.path[:] = _saved_path
 
 from mitmproxy import connection, http
-from mitmproxy.proxy import commands, events, layer, layers, server_hooks
-from mitmproxy.proxy.context import Context
+from mitmproxy.proxy import commands, events, layer, server_hooks
 from mitmproxy.proxy.layers.modes import Socks5AuthData
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons.credentials import CredentialGuard
+from addons.relay import MeteredTunnel, RelayedTunnel, RelaySettings, abort_all
 from addons.socks import SocksConnectData
 from proxy.auth import INVALID_CREDENTIALS, Caller
 from proxy.facts import RequestFacts, Transport
@@ -106,24 +106,6 @@ class _Tunnel(_Meter):
     pin: _Pin = _Pin("", 0)
     inspect: InspectRule | None = None
     admitted: Decision | None = None  # what let it in: re-checked when the rules change
-
-
-class MeteredTunnel(layers.TCPLayer):
-    """A raw TCP tunnel (no interception, no per-chunk hooks) that counts bytes each way."""
-
-    def __init__(self, context: Context, meter: _Meter) -> None:
-        super().__init__(context, ignore=True)
-        self._meter = meter
-
-    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
-        # Not a generator itself: it hands back TCPLayer's, so no extra frame per chunk.
-        if isinstance(event, events.DataReceived):
-            if event.connection is self.context.client:
-                self._meter.sent += len(event.data)
-            else:
-                self._meter.received += len(event.data)
-        relay: layer.CommandGenerator[None] = super().relay_messages(event)  # no call per chunk
-        return relay
 
 
 class RefusedTunnel(layer.Layer):
@@ -235,8 +217,11 @@ class EgressWarden:
         gate: Gate,
         marker: str = "egress-warden",
         close_client: Callable[[str], None] | None = None,
+        relay: RelaySettings | None = None,
     ) -> None:
         self.gate = gate
+        # Who moves admitted raw tunnels' bytes (addons/relay.py); None: mitmproxy's TCP layer.
+        self._relay = relay
         # Closes a client connection (and its upstream) by client id; set by the runtime.
         self._close_client = close_client or (lambda _client_id: None)
         # Brokered secrets and credential scanning (a hit in a streamed body closes the client).
@@ -365,7 +350,10 @@ class EgressWarden:
                 return
         elif not hello and not nextlayer.data_server():
             return  # nothing seen yet
-        nextlayer.layer = MeteredTunnel(context, tunnel)
+        if self._relay is None or context.client.transport_protocol != "tcp":
+            nextlayer.layer = MeteredTunnel(context, tunnel)
+        else:
+            nextlayer.layer = RelayedTunnel(context, tunnel, self._relay)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         tunnel = self._tunnel_of(flow.client_conn, flow.server_conn)
@@ -600,7 +588,8 @@ class EgressWarden:
             self._close_tunnel(self._tunnels.pop(data.client.id))
 
     def close_all(self) -> None:
-        """At shutdown: every tunnel still open reports its bytes."""
+        """At shutdown: every tunnel still open stops and reports its bytes."""
+        abort_all()  # relayed tunnels stop first, so their counts are final
         for client_id in list(self._tunnels):
             self._close_tunnel(self._tunnels.pop(client_id))
 
