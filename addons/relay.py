@@ -420,7 +420,14 @@ class RelayedTunnel(MeteredTunnel):
                 if conn in handler.transports and conn.state is not ConnectionState.CLOSED:
                     handler.close_connection(conn)
 
-        sockets = [_dup_socket(io) for io in ios]
+        sockets: list[socket.socket] = []
+        try:
+            sockets.extend(_dup_socket(io) for io in ios)
+        except OSError:  # out of descriptors: the tunnel ends as any failed connection would
+            for sock in sockets:
+                sock.close()
+            on_end()
+            return
         relay = Relay(
             sockets[0],
             sockets[1],
