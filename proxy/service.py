@@ -33,7 +33,7 @@ from proxy.auth import Authenticator, check_identity_config
 from proxy.config import Endpoint, RunConfig
 from proxy.control.app import ControlContext, ReloadResult, create_app
 from proxy.control.listener import control_server_options
-from proxy.control.token import load_or_create_token
+from proxy.control.token import WeakTokenError, load_control_token
 from proxy.eventbus import EventBus
 from proxy.facts import RequestFacts, facts_from_url
 from proxy.gate import Gate, Snapshot
@@ -268,7 +268,11 @@ class Service:
         check_free(cfg.listen)
         self.control_sock = bind(cfg.control)
         self._closers.append(self.control_sock.close)
-        token = load_or_create_token(cfg.state_dir)
+        try:
+            token = load_control_token(cfg.state_dir)
+        except WeakTokenError as exc:
+            self._close_now()
+            raise StartupError(str(exc)) from exc
         self.marker = loop_marker(token)
         # A policy's `telemetry:` section fills in OTEL_* variables the environment does not set.
         for name, value in policy.telemetry.items():
