@@ -3,7 +3,9 @@
 # agent's only way out of the pod's (shared) network namespace. Run it once, as root with
 # CAP_NET_ADMIN, before the agent starts; the proxy container runs with
 # `run --transparent 127.0.0.1:$EGRESS_WARDEN_TRANSPARENT_PORT --dns 127.0.0.1:$EGRESS_WARDEN_DNS_PORT`
-# (the entrypoint's extra flags) as user $EGRESS_WARDEN_UID.
+# (EGRESS_WARDEN_TRANSPARENT and EGRESS_WARDEN_DNS for the image's entrypoint) as user
+# $EGRESS_WARDEN_UID. The image ships this script as /usr/local/bin/egress-warden-sidecar-init
+# and nftables; docker/k8s/sidecar/ and docker/compose.yaml (profile `transparent`) wire it in.
 #
 #   sidecar-init.sh           install the rules (nft -f)
 #   sidecar-init.sh --print   print them only
@@ -17,6 +19,9 @@
 #    reach any other resolver, so no query leaks a name and `ask` names get synthetic addresses;
 #  - every other TCP connection goes to the transparent listener, which names it by TLS SNI or
 #    Host header and dials the proxy's own resolution of that name (never the agent's address);
+#  - the redirect runs before any other NAT in the namespace (priority -110, ahead of the usual
+#    -100): Docker's embedded DNS installs its own DNAT of 127.0.0.11:53 there, and whichever
+#    NAT chain maps a connection first wins, so the agent's queries must meet this one first;
 #  - everything else the agent sends (other UDP, ICMP, IPv6, which is not redirected) is dropped:
 #    the filter's policy is drop, and only redirected connections (`ct status dnat`: the filter
 #    still sees the original output interface, not loopback), loopback and the proxy's own
@@ -40,7 +45,7 @@ table ip egress_warden_nat
 delete table ip egress_warden_nat
 table ip egress_warden_nat {
     chain output {
-        type nat hook output priority -100; policy accept;
+        type nat hook output priority -110; policy accept;
         meta skuid $PROXY_UID return
         ip daddr 127.0.0.0/8 tcp dport $PROXY_PORT return
         udp dport 53 redirect to :$DNS_PORT

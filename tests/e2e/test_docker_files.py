@@ -363,15 +363,144 @@ def test_k8s_egress_warden_containers_are_hardened(k8s: list[dict[str, Any]]) ->
     assert len(wardens) == 2  # the two-pod layout and the sidecar variant
 
 
-def test_k8s_sidecar_variant_points_at_loopback(k8s: list[dict[str, Any]]) -> None:
+SIDECAR_INIT = "/usr/local/bin/egress-warden-sidecar-init"
+PROXY_VARIABLES = re.compile(r"(?i)^(https?|all|no|ftp)_proxy$|^EGRESS_WARDEN_AGENT_TOKEN$")
+
+
+def _port(endpoint: str) -> str:
+    return endpoint.rpartition(":")[2]
+
+
+def _printed_rules(env: dict[str, str]) -> str:
+    """The rules docker/sidecar-init.sh installs with a container's environment."""
+    result = subprocess.run(
+        ["sh", str(DOCKER / "sidecar-init.sh"), "--print"],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return result.stdout
+
+
+def _check_sidecar_wiring(init_env: dict[str, str], proxy_env: dict[str, str], uid: int) -> None:
+    """The init's rules send the agent where the proxy listens, and spare the proxy's user."""
+    assert init_env["EGRESS_WARDEN_UID"] == str(uid) and uid != 0
+    transparent, dns = proxy_env["EGRESS_WARDEN_TRANSPARENT"], proxy_env["EGRESS_WARDEN_DNS"]
+    listen = proxy_env["EGRESS_WARDEN_LISTEN"]
+    for endpoint in (transparent, dns, listen):
+        assert endpoint.startswith("127.0.0.1:"), endpoint  # the redirect's target is loopback
+    assert init_env["EGRESS_WARDEN_TRANSPARENT_PORT"] == _port(transparent)
+    assert init_env["EGRESS_WARDEN_DNS_PORT"] == _port(dns)
+    assert init_env["EGRESS_WARDEN_PROXY_PORT"] == _port(listen)
+    rules = _printed_rules(init_env)
+    assert f"meta skuid {uid} return" in rules
+    assert f"udp dport 53 redirect to :{_port(dns)}" in rules
+    assert f"tcp dport 53 redirect to :{_port(dns)}" in rules
+    assert f"meta l4proto tcp redirect to :{_port(transparent)}" in rules
+    assert "policy drop;" in rules
+    # The control port is never exempt from the redirect (an agent must not approve itself).
+    assert f"tcp dport {_port(proxy_env['EGRESS_WARDEN_CONTROL'])} return" not in rules
+
+
+def _entrypoint_flags(fake: Path, env: dict[str, str]) -> dict[str, list[str]]:
+    argv, _ = _entry(fake, **{k: v for k, v in env.items() if not v.startswith("${")})
+    return _flags(argv)
+
+
+def test_dockerfile_ships_the_sidecar_init(dockerfile: list[tuple[str, str]]) -> None:
+    final = _final_stage(dockerfile)
+    copies = [args for kw, args in final if kw == "COPY" and "docker/sidecar-init.sh" in args]
+    assert len(copies) == 1 and copies[0].split()[-1] == SIDECAR_INIT
+    assert "--chmod=0755" in copies[0]
+    runs = " ".join(args for kw, args in final if kw == "RUN")
+    assert "install -y --no-install-recommends nftables" in runs
+    assert "rm -rf /var/lib/apt/lists/*" in runs
+    # nft is installed before the image drops to the proxy's user.
+    keywords = [kw for kw, _ in final]
+    assert keywords.index("RUN") < keywords.index("USER")
+
+
+def test_k8s_sidecar_pod_redirects_the_agent_through_the_proxy(
+    k8s: list[dict[str, Any]], fake_bin: Path
+) -> None:
     pod = _find(k8s, "Pod", "agent-with-sidecar")
-    names = [c["name"] for c in _containers(pod["spec"])]
-    assert sorted(names) == ["agent", "egress-warden"]
-    agent = next(c for c in pod["spec"]["containers"] if c["name"] == "agent")
-    env = {e["name"]: e.get("value") for e in agent["env"]}
-    assert env["HTTPS_PROXY"] == "http://127.0.0.1:8080"
+    spec = pod["spec"]
+    inits = [c["name"] for c in spec["initContainers"]]
+    # The rules first, then the proxy (a native sidecar, ready before the agent starts).
+    assert inits == ["sidecar-init", "egress-warden"]
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    init, warden = spec["initContainers"]
+    agent = spec["containers"][0]
+
+    assert init["command"] == [SIDECAR_INIT] and "args" not in init
+    assert "restartPolicy" not in init  # a plain init container: runs to completion first
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert init["image"] == warden["image"]
+
+    assert warden["restartPolicy"] == "Always"
+    assert warden["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    proxy_env = {e["name"]: e.get("value", "${secret}") for e in warden["env"]}
+    uid = warden["securityContext"]["runAsUser"]
+    _check_sidecar_wiring(init_env, proxy_env, uid)
+    flags = _entrypoint_flags(fake_bin, proxy_env)
+    assert flags["--transparent"] == [proxy_env["EGRESS_WARDEN_TRANSPARENT"]]
+    assert flags["--dns"] == [proxy_env["EGRESS_WARDEN_DNS"]]
+    assert "startupProbe" in warden  # the agent waits until the proxy answers
+
+    # The agent: no proxy settings at all, a user the rules do not spare, no capability.
+    assert not [e for e in agent.get("env", []) if PROXY_VARIABLES.match(e["name"])]
+    assert not agent.get("envFrom")
+    assert agent["securityContext"]["runAsUser"] not in (0, uid)
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "HTTPS_PROXY" not in json.dumps(agent) and "8080" not in json.dumps(agent)
+    # Its DNS: the cluster resolver in resolv.conf, which the rules redirect to the proxy's DNS;
+    # ndots 1 so names are asked as they are, not first with the cluster's search suffixes.
+    assert spec.get("dnsPolicy", "ClusterFirst") == "ClusterFirst"
+    assert {"name": "ndots", "value": "1"} in spec["dnsConfig"]["options"]
     text = (DOCKER / "k8s/sidecar/sidecar-pod.yaml").read_text()
-    assert "per pod" in text.lower() or "applies to a pod" in text
+    assert "per pod" in text.lower() or "applies to the pod" in text
+
+
+def test_compose_transparent_sidecar(compose: dict[str, Any], fake_bin: Path) -> None:
+    services = compose["services"]
+    group = {"sidecar-netns", "sidecar-init", "sidecar", "transparent-agent"}
+    for name in group:
+        assert services[name]["profiles"] == ["transparent"], name  # opt-in
+        assert services[name]["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in services[name]["security_opt"], name
+    holder = services["sidecar-netns"]
+    assert "agent-net" not in _networks(holder) and "egress" in _networks(holder)
+    for name in group - {"sidecar-netns"}:
+        assert services[name]["network_mode"] == "service:sidecar-netns", name
+        assert "networks" not in services[name] and "ports" not in services[name], name
+
+    init = services["sidecar-init"]
+    assert init["entrypoint"] == [SIDECAR_INIT]
+    assert init["cap_add"] == ["NET_ADMIN"] and str(init["user"]).startswith("0")
+    assert init["restart"] == "no"
+
+    sidecar = services["sidecar"]
+    assert sidecar["depends_on"]["sidecar-init"]["condition"] == "service_completed_successfully"
+    assert "cap_add" not in sidecar and sidecar["read_only"] is True
+    uid = int(str(sidecar["user"]).split(":")[0])
+    proxy_env = _env(sidecar)
+    _check_sidecar_wiring(_env(init), proxy_env, uid)
+    assert proxy_env["EGRESS_WARDEN_CONTROL"].startswith("127.0.0.1:")
+    flags = _entrypoint_flags(fake_bin, proxy_env)
+    assert flags["--transparent"] == [proxy_env["EGRESS_WARDEN_TRANSPARENT"]]
+    assert flags["--dns"] == [proxy_env["EGRESS_WARDEN_DNS"]]
+
+    agent = services["transparent-agent"]
+    assert not [k for k in _env(agent) if PROXY_VARIABLES.match(k)]
+    assert int(str(agent["user"]).split(":")[0]) not in (0, uid)
+    assert "cap_add" not in agent and "dns" not in agent
+    assert agent["depends_on"]["sidecar"]["condition"] == "service_healthy"
 
 
 def test_k8s_agent_networkpolicy_allows_only_the_proxy_not_dns(

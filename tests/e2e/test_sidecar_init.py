@@ -18,6 +18,7 @@ import pytest
 import trustme
 
 from tests.conftest import ALLOWED_IP
+from tests.support.dns import DnsServer
 from tests.support.netns import in_namespace, require_tools
 from tests.support.proxy import REPO, ProxyProcess, start_proxy
 from tests.support.upstream import Upstream, start_upstream
@@ -170,3 +171,50 @@ def test_other_udp_is_dropped(pod: Pod) -> None:
     other = _agent(pod, "dig", "+time=2", "+tries=1", "-p", "5353", f"@{OUT_THERE}", "allowed.test")
     assert other.returncode != 0
     assert "status:" not in other.stdout
+
+
+def test_agent_cannot_reach_the_control_api(pod: Pod) -> None:
+    # The control port is not exempt: the connection lands on the transparent listener, which
+    # refuses a loopback destination, so /healthz (no token needed) never answers the agent.
+    url = f"http://127.0.0.1:{pod.proc.control_port}/healthz"
+    result = _agent(pod, "curl", "-q", "-sS", "--max-time", "10", "-w", "%{http_code}", url)
+    assert '"status":"ok"' not in result.stdout.replace(" ", "")
+    assert result.stdout.strip().endswith("403") or result.returncode != 0, result
+
+
+def test_agent_dns_beats_another_dnat_of_port_53(pod: Pod) -> None:
+    # Docker's embedded DNS DNATs 127.0.0.11:53 in the container's namespace at the usual NAT
+    # priority (-100). The init's redirect must map the agent's query first, so a resolver there
+    # (standing in for Docker's, which forwards to the host's) never sees it.
+    upstream = in_namespace(pod.ns, lambda: DnsServer({"allowed.test": "10.9.9.9"}))
+    table = "docker_like"
+    rules = (
+        f"table ip {table} {{\n chain output {{\n type nat hook output priority -100;\n"
+        f" ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.1:{upstream.port}\n"
+        f" ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.1:{upstream.port}\n }}\n}}\n"
+    )
+    nft = ["ip", "netns", "exec", pod.ns, "nft"]
+    subprocess.run([*nft, "-f", "-"], input=rules, text=True, check=True, timeout=10)
+    try:
+        # The proxy's own user (root here) is spared by the init, so it does reach it.
+        dig = ("dig", "+short", "+time=3", "+tries=1", "@127.0.0.11", "allowed.test")
+        direct = subprocess.run(
+            ["ip", "netns", "exec", pod.ns, *dig],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert direct.stdout.strip() == "10.9.9.9"
+        upstream.clear()
+        for tcp in ([], ["+tcp"]):
+            answer = _agent(
+                pod, "dig", "+short", "+time=3", "+tries=1", *tcp, "@127.0.0.11", "allowed.test"
+            )
+            assert answer.stdout.strip() == ALLOWED_IP, answer
+            refused = _agent(pod, "dig", "+time=3", "+tries=1", *tcp, "@127.0.0.11", "evil.test")
+            assert "status: REFUSED" in refused.stdout
+        assert upstream.queries == []
+    finally:
+        subprocess.run([*nft, "delete", "table", "ip", table], check=False, timeout=10)
+        in_namespace(pod.ns, upstream.close)
