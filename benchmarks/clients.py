@@ -70,19 +70,26 @@ def wrk(
     argv = [which("wrk") or "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
     argv += ["-s", str(script), f"http://127.0.0.1:{connect_port}"]
     out = run_tool(argv, timeout=seconds + 30)
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> LoadResult:
+    """The `WRKJSON` line of our wrk script; a missing, cut or odd line is a BenchError."""
     line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise BenchError(f"wrk printed no summary:\n{out[-500:]}")
-    data = json.loads(line.removeprefix("WRKJSON "))
-    failed = int(data["errors"]) + int(data["status"])
-    _check_errors("wrk", int(data["requests"]) - int(data["status"]), failed)
-    return LoadResult(
-        requests=int(data["requests"]),
-        rps=int(data["requests"]) / (int(data["duration_us"]) / 1e6),
-        p50_ms=int(data["p50_us"]) / 1000,
-        p99_ms=int(data["p99_us"]) / 1000,
-        max_ms=int(data["max_us"]) / 1000,
-    )
+    try:
+        data = json.loads(line.removeprefix("WRKJSON "))
+        requests, status = int(data["requests"]), int(data["status"])
+        failed = int(data["errors"]) + status
+        duration_s = int(data["duration_us"]) / 1e6
+        p50, p99, worst = (int(data[k]) / 1000 for k in ("p50_us", "p99_us", "max_us"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"wrk summary unreadable ({exc!r}): {line[:300]}") from None
+    _check_errors("wrk", requests - status, failed)
+    if duration_s <= 0:
+        raise BenchError(f"wrk reported a duration of {duration_s} s")
+    return LoadResult(requests, requests / duration_s, p50, p99, worst)
 
 
 MAX_SEQUENTIAL = 200_000  # upper bound on requests in one sequential-latency run

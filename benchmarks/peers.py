@@ -116,6 +116,7 @@ pid_filename {workdir}/squid.pid
 coredump_dir {workdir}
 shutdown_lifetime 0 seconds
 pinger_enable off
+http_upgrade_request_protocols WebSocket allow all
 digest_generation off
 netdb_filename none
 max_filedescriptors 16384
@@ -170,7 +171,9 @@ def warden_policy(path: Path, extra_rules: int, ports: Sequence[int]) -> Path:
 def _healthy(control_port: int) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(f"http://127.0.0.1:{control_port}/healthz", timeout=1) as response:
+        # A generous timeout: a client that gives up mid-answer during start-up has been seen to
+        # make the control listener's write_eof raise ENOTCONN, which ends the process.
+        with opener.open(f"http://127.0.0.1:{control_port}/healthz", timeout=10) as response:
             return int(response.status) == 200
     except OSError:
         return False
@@ -187,12 +190,21 @@ def _warden_ready(port: int, control: int, workers: int) -> bool:
 
 
 def start_warden(
-    sup: Supervisor, workdir: Path, key: str, rules: int, upstream: Upstream, workers: int = 1
+    sup: Supervisor,
+    workdir: Path,
+    key: str,
+    rules: int,
+    upstream: Upstream,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
 ) -> Peer:
     """`egress-warden run` with a generated policy; ready when `/healthz` answers 200 and the
-    proxy port accepts (with `--workers N`: when all N workers listen on it)."""
+    proxy port accepts (with `--workers N`: when all N workers listen on it). `extra_env`: e.g.
+    `EGRESS_WARDEN_RELAY` for a variant started by one workload."""
     workdir.mkdir()
-    ports = (upstream.http_port, upstream.https_port)
+    ports = [
+        p for p in (upstream.http_port, upstream.https_port, upstream.ws_port) if p is not None
+    ]
     policy = warden_policy(workdir / "policy.yaml", rules, ports)
     port, control = free_port(), free_port()
     argv = [str(VENV_BIN / "egress-warden"), "run", "--policy", str(policy)]
@@ -204,7 +216,11 @@ def start_warden(
         argv += ["--resolve", f"{name}:127.0.0.1"]
     token = secrets.token_hex(16)
     # The idle-tunnel workload opens 2,000 tunnels from one address: lift the per-client cap.
-    env = clean_env(EGRESS_WARDEN_CONTROL_TOKEN=token, EGRESS_WARDEN_MAX_CONNECTIONS_PER_CLIENT="0")
+    env = clean_env(
+        EGRESS_WARDEN_CONTROL_TOKEN=token,
+        EGRESS_WARDEN_MAX_CONNECTIONS_PER_CLIENT="0",
+        **(extra_env or {}),
+    )
     started = time.perf_counter()
     proc = sup.spawn(key, argv, workdir / "warden.log", env=env)
     wait_until(lambda: _warden_ready(port, control, workers), proc, timeout=180, interval=0.05)

@@ -1,5 +1,6 @@
 """Proxy benchmark harness: no proxy, bare mitmproxy, Squid and egress-warden (10 and 100,000
-rules, and 10 rules on 2 workers) side by side on 127.0.0.1, in front of one nginx (HTTP, HTTPS).
+rules, and 10 rules on 2 workers) side by side on 127.0.0.1, in front of one nginx (HTTP, HTTPS)
+and a small WebSocket upstream (plain ws://).
 
 Run: .venv/bin/python benchmarks/run.py [--quick] [--only NAME[,NAME]] [--no-write]
      (`make bench`). Needs: apt-get install -y nginx-light squid wrk hey curl
@@ -32,7 +33,7 @@ from benchmarks.procs import (
     raise_fd_limit,
 )
 from benchmarks.report import RunInfo, text_table, update_doc, worse_summary
-from benchmarks.upstream import start_nginx
+from benchmarks.upstream import start_nginx, start_ws_upstream
 from benchmarks.workloads import FULL, QUICK, WORKLOADS, Bench, Row, Settings, check_and_warm
 
 BUSY_FOREIGN = 0.10  # other processes using more than this share of a core skew the figures
@@ -62,15 +63,23 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_workloads(bench: Bench, names: list[str]) -> list[Row]:
+def run_workloads(bench: Bench, names: list[str]) -> tuple[list[Row], list[str]]:
+    """Every workload in turn; one that fails (a tool's odd output, a peer that cannot do it) is
+    reported and the others still run. Returns the rows and the failures."""
     rows: list[Row] = []
+    failed: list[str] = []
     for name in names:
         description, workload = WORKLOADS[name]
         log(f"== {name}: {description}")
         started = time.perf_counter()
-        rows += workload(bench)
+        try:
+            rows += workload(bench)
+        except BenchError as exc:
+            log(f"   {name} FAILED: {exc}")
+            failed.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
         log(f"   done in {time.perf_counter() - started:.1f}s")
-    return rows
+    return rows, failed
 
 
 def describe(settings: Settings) -> str:
@@ -88,14 +97,14 @@ def describe(settings: Settings) -> str:
 
 def start_all(sup: Supervisor, workdir: Path, settings: Settings) -> Bench:
     """nginx, then every peer one after the other; checked and warmed up."""
-    log(f"temp dir {workdir}; starting nginx")
-    upstream = start_nginx(sup, workdir / "nginx")
+    log(f"temp dir {workdir}; starting nginx and the WebSocket upstream")
+    upstream = start_ws_upstream(sup, start_nginx(sup, workdir / "nginx"), workdir)
     log("starting peers one after the other: " + ", ".join(PEER_ORDER[1:]))
     peers = start_peers(sup, workdir, upstream, PEER_ORDER)
     for peer in peers.values():
         if peer.proc is not None and peer.startup_s is not None:
             log(f"  {peer.label}: ready in {peer.startup_s:.2f}s (pid {peer.proc.pid})")
-    bench = Bench(settings, upstream, peers, workdir, log)
+    bench = Bench(settings, upstream, peers, workdir, log, sup)
     log("checking and warming up every peer")
     check_and_warm(bench)
     return bench
@@ -112,13 +121,16 @@ def bench_run(args: argparse.Namespace, workdir: Path, sup: Supervisor) -> None:
     names = args.only.split(",") if args.only else list(WORKLOADS)
     started, audit, load = time.perf_counter(), CpuAudit(), load_average()
     bench = start_all(sup, workdir, settings)
-    rows = run_workloads(bench, names)
+    rows, failed = run_workloads(bench, names)
     foreign = audit.foreign_share(sup)
     log(f"all done in {time.perf_counter() - started:.0f}s")
     note = machine_note(load, foreign)
     log(note)
     print(text_table(rows))
     print(f"\n{worse_summary(rows)}")
+    if failed:
+        print("\nworkloads that failed (no rows):\n  " + "\n  ".join(failed))
+        raise BenchError(f"{len(failed)} workload(s) failed")
     if args.no_write or args.quick or args.only:
         log("docs/benchmarks.md not updated (only a full run without --no-write writes it)")
         return

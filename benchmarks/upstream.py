@@ -1,9 +1,11 @@
-"""The upstream: one nginx process (`nginx-light`) serving HTTP and HTTPS on loopback."""
+"""The upstreams: one nginx process (`nginx-light`) serving HTTP and HTTPS on loopback, and a
+small WebSocket server (`benchmarks/websocket.py`, its own process) for plain `ws://`."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trustme
@@ -24,6 +26,7 @@ class Upstream:
     http_port: int
     https_port: int
     ca_file: Path  # the trustme CA that signed nginx's certificate
+    ws_port: int | None = None  # the WebSocket upstream, once started
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,12 @@ def start_nginx(sup: Supervisor, prefix: Path) -> Upstream:
     proc = sup.spawn("nginx", argv, prefix / "stdout.log")
     wait_until(lambda: port_open(http_port) and port_open(https_port), proc, timeout=15)
     return Upstream(proc, http_port, https_port, certs.ca)
+
+
+def start_ws_upstream(sup: Supervisor, upstream: Upstream, workdir: Path) -> Upstream:
+    """The WebSocket upstream next to nginx; returns `upstream` with its port."""
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.websocket", str(port)]
+    proc = sup.spawn("ws-upstream", argv, workdir / "ws-upstream.log")
+    wait_until(lambda: port_open(port), proc, timeout=15)
+    return replace(upstream, ws_port=port)

@@ -6,6 +6,7 @@ where the client times each request itself)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import random
@@ -33,6 +34,7 @@ from benchmarks.clients import (
     wrk,
 )
 from benchmarks.peers import (
+    GENERATED_RULES,
     LABEL_WIDTH,
     MITMPROXY,
     NONE,
@@ -43,9 +45,13 @@ from benchmarks.peers import (
     WARDEN_100K,
     Peer,
     held_names,
+    start_mitmdump,
+    start_squid,
+    start_warden,
 )
-from benchmarks.procs import BenchError, Proc, run_tool, which
+from benchmarks.procs import BenchError, Proc, Supervisor, run_tool, which
 from benchmarks.upstream import BIG_BYTES, BIG_PATH, SMALL_BODY, SMALL_PATH, Upstream
+from benchmarks.websocket import WS_PATH, ws_download
 
 HIGHER, LOWER, INFO = "higher", "lower", "info"  # INFO rows get no ratios
 
@@ -62,10 +68,24 @@ class Settings:
     held: int = 1000
     downloads: int = 21  # one download takes ~0.1 s and moves by ±8 %: many, interleaved
     open_concurrency: int = 50  # tunnels/held requests being set up at once
+    held_many: int = 10_000  # the many-held row (egress-warden only: see `held_many`)
+    ws_bytes: int = 32_000_000  # one plain ws:// download, in 64 KiB messages
+    ws_runs: int = 5
+    startups: int = 3  # fresh starts per peer kind for the start-up rows
 
 
 FULL = Settings()
-QUICK = Settings(seconds=1, latency_seconds=1, rounds=1, idle_tunnels=200, held=200, downloads=1)
+QUICK = Settings(
+    seconds=1,
+    latency_seconds=1,
+    rounds=1,
+    idle_tunnels=200,
+    held=200,
+    downloads=1,
+    ws_bytes=16_000_000,
+    ws_runs=1,
+    startups=1,
+)
 
 
 @dataclass
@@ -86,6 +106,7 @@ class Bench:
     peers: dict[str, Peer]
     workdir: Path
     log: Callable[[str], None] = print
+    sup: Supervisor | None = None  # for workloads that start processes of their own
     policy_results: list[tuple[int, float, float, float]] = field(default_factory=list)
     cpu: dict[str, list[float]] = field(default_factory=dict)  # % of one core, per measurement
 
@@ -388,9 +409,10 @@ async def _held_rounds(bench: Bench, n: int) -> list[Row]:
 
 
 async def _hold(
-    bench: Bench, peer: Peer, silent: SilentUpstream, n: int
+    bench: Bench, peer: Peer, silent: SilentUpstream, n: int, concurrency: int = 0
 ) -> list[asyncio.StreamWriter]:
-    """Sends n requests that stay outstanding; returns once the proxy holds them all."""
+    """Sends n requests that stay outstanding (`concurrency` at a time, default the settings');
+    returns once the proxy holds them all."""
     assert peer.port is not None
     before = await _outstanding(peer, silent)
     writers = await open_many(
@@ -398,7 +420,7 @@ async def _hold(
             send_pending(peer.port, url, host)
             for url, host in _held_targets(bench, peer, n, silent.port)
         ],
-        bench.settings.open_concurrency,
+        concurrency or bench.settings.open_concurrency,
     )
     deadline = time.monotonic() + HOLD_TIMEOUT
     count = 0
@@ -481,6 +503,216 @@ def policy(bench: Bench) -> list[Row]:
     return [startup, memory, load, hit, miss]
 
 
+# --- start-up -------------------------------------------------------------------------------
+
+STARTUP_SETTLE = 1.0  # seconds between ready and the RSS reading (late imports, first GC)
+
+
+def startup(bench: Bench) -> list[Row]:
+    """Fresh processes of bare mitmproxy, Squid and egress-warden (the 10-rule peer's
+    configuration), started one at a time with nothing else starting: time from spawn to ready,
+    and RSS one second later; medians over `startups` starts each."""
+    sup = _sup(bench)
+    ready = Row("start-up", "process start to ready (s)", LOWER, per_use=False)
+    memory = Row("start-up", "RSS 1 s after ready (MiB)", LOWER, per_use=False)
+    starters: dict[str, Callable[[Path], Peer]] = {
+        MITMPROXY: lambda d: start_mitmdump(sup, d),
+        SQUID: lambda d: start_squid(sup, d),
+        WARDEN_10: lambda d: start_warden(
+            sup, d, WARDEN_10, GENERATED_RULES[WARDEN_10], bench.upstream
+        ),
+    }
+    for key, start in starters.items():
+        times, sizes = [], []
+        for i in range(bench.settings.startups):
+            peer = start(bench.workdir / f"startup-{key}-{i}")
+            assert peer.proc is not None and peer.startup_s is not None
+            time.sleep(STARTUP_SETTLE)
+            times.append(peer.startup_s)
+            sizes.append(peer.proc.rss_kib() / 1024)
+            peer.proc.stop()
+        ready.values[key], memory.values[key] = statistics.median(times), statistics.median(sizes)
+        bench.log(
+            f"  {peer.label:<{LABEL_WIDTH}} ready in {ready.values[key]:.2f}s,"
+            f" {memory.values[key]:.1f} MiB ({len(times)} start{'s' if len(times) > 1 else ''})"
+        )
+    return [ready, memory]
+
+
+def _sup(bench: Bench) -> Supervisor:
+    if bench.sup is None:
+        raise BenchError("this workload starts processes and needs the run's supervisor")
+    return bench.sup
+
+
+# --- plain ws:// ----------------------------------------------------------------------------
+
+WS_MESSAGE = 1 << 16
+
+
+def _ws(bench: Bench, peer: Peer) -> float:
+    port = bench.upstream.ws_port
+    if port is None:
+        raise BenchError("no WebSocket upstream")
+    if peer.port is None:
+        return ws_download(
+            connect_port=port,
+            target=WS_PATH,
+            host=f"127.0.0.1:{port}",
+            total=bench.settings.ws_bytes,
+            message_size=WS_MESSAGE,
+        )
+    authority = f"{peer.target}:{port}"
+    return ws_download(
+        connect_port=peer.port,
+        target=f"http://{authority}{WS_PATH}",
+        host=authority,
+        total=bench.settings.ws_bytes,
+        message_size=WS_MESSAGE,
+    )
+
+
+def websocket(bench: Bench) -> list[Row]:
+    """A plain `ws://` download (upstream to client, 64 KiB binary messages) through each peer,
+    `ws_runs` interleaved runs, median MB/s. egress-warden meters it (message payload bytes on
+    the close event). A peer that cannot upgrade (answers other than 101) gets no figure."""
+    mb = bench.settings.ws_bytes / 1e6
+    row = Row("WebSocket", f"plain ws:// MB/s, {mb:.0f} MB in 64 KiB messages, metered", HIGHER)
+    speeds: dict[str, list[float]] = {}
+    peers = list(bench.each())
+    for r in range(bench.settings.ws_runs):
+        for peer in rotated(peers, r):
+            try:
+                speed = bench.measure(peer, lambda p: _ws(bench, p), lambda v: f"{v:.0f} MB/s")
+            except BenchError as exc:
+                bench.log(f"  {peer.label:<{LABEL_WIDTH}} no figure: {exc}")
+                continue
+            speeds.setdefault(peer.key, []).append(speed)
+    row.values = {key: statistics.median(found) for key, found in speeds.items()}
+    return [row, bench.cpu_row(row.workload)]
+
+
+# --- many held requests ---------------------------------------------------------------------
+
+HELD_MANY_CONCURRENCY = 200  # held requests being sent at once (each one a new connection)
+
+
+def held_many(bench: Bench) -> list[Row]:
+    """egress-warden (10 rules, one process) holding `held_many` requests: the allowed-request
+    latency over one connection with nothing held and then while they are all held (rounds like
+    the latency workload; the ratio is the issue's target), and RSS. Only egress-warden: bare
+    mitmproxy and Squid would hold an upstream connection per request as well (twice the
+    descriptors) and the target compares egress-warden with itself."""
+    peer = bench.peers.get(WARDEN_10)
+    if peer is None or peer.proc is None:
+        return []
+    return asyncio.run(_held_many(bench, peer, bench.settings.held_many))
+
+
+async def _held_many(bench: Bench, peer: Peer, n: int) -> list[Row]:
+    assert peer.proc is not None
+    seconds, rounds = bench.settings.latency_seconds, max(1, bench.settings.rounds)
+
+    async def latency_runs(tag: str) -> list[LoadResult]:
+        return [
+            await asyncio.to_thread(
+                bench.measure,
+                peer,
+                lambda p: _sequential(bench, p, seconds),
+                _percentiles,
+                f"{tag} r{r + 1}",
+            )
+            for r in range(rounds)
+        ]
+
+    calm = await latency_runs("nothing held")
+    rss_before = peer.proc.rss_kib() / 1024
+    silent = SilentUpstream()
+    await silent.start()
+    writers: list[asyncio.StreamWriter] = []
+    started = time.perf_counter()
+    try:
+        writers = await _hold(bench, peer, silent, n, HELD_MANY_CONCURRENCY)
+        bench.log(
+            f"  {peer.label:<{LABEL_WIDTH}} holds {n:,} after {time.perf_counter() - started:.1f}s"
+        )
+        await asyncio.sleep(IDLE_SETTLE)
+        rss_held = peer.proc.rss_kib() / 1024
+        busy = await _cpu_share(peer.proc, CPU_WINDOW)
+        held_runs = await latency_runs(f"{n:,} held")
+    finally:
+        await close_all(writers)
+        await silent.close()
+    bench.cpu.clear()
+    key = peer.key
+    rows: list[Row] = []
+    for name, runs in (("nothing held", calm), (f"{n:,} held", held_runs)):
+        p50, p99, _ = _latency_rows("held 10k", f"allowed HTTP request, {name},", {key: runs})
+        rows += [p50, p99]
+    calm_p99, held_p99 = rows[1].values[key], rows[3].values[key]
+    ratio = Row("held 10k", f"p99 while {n:,} are held / p99 with nothing held (x)", INFO)
+    if calm_p99 and held_p99 is not None:
+        ratio.values[key] = held_p99 / calm_p99
+    memory = Row("held 10k", f"RSS holding {n:,} requests (MiB)", LOWER, per_use=False)
+    memory.values[key] = rss_held
+    per = Row("held 10k", "RSS per held request (KiB)", LOWER)
+    per.values[key] = (rss_held - rss_before) * 1024 / n
+    cpu = Row("held 10k", f"proxy CPU holding {n:,} requests, no other traffic (%)", LOWER)
+    cpu.values[key] = busy * 100
+    return [*rows, ratio, memory, per, cpu]
+
+
+# --- the default relay against mitmproxy's -------------------------------------------------
+
+RELAY_ENV = "EGRESS_WARDEN_RELAY"
+
+
+def relay_available() -> bool:
+    """Whether this build has a choice of tunnel relay (`addons/relay.py`)."""
+    return importlib.util.find_spec("addons.relay") is not None
+
+
+def idle_relay(bench: Bench) -> list[Row]:
+    """RSS per 1,000 idle tunnels in a fresh egress-warden (10 rules) with the default relay and
+    with `EGRESS_WARDEN_RELAY=mitmproxy` (mitmproxy's own TCP layer), side by side in one run;
+    the 2n-minus-n difference as in `idle_rss`. Skipped (no rows) when the build has no relay
+    choice: the hook for it is this function."""
+    if not relay_available():
+        bench.log("  no addons/relay.py in this build: relay comparison skipped")
+        return []
+    sup, n = _sup(bench), bench.settings.idle_tunnels
+    variants: dict[str, dict[str, str]] = {
+        "default relay": {},
+        "EGRESS_WARDEN_RELAY=copy": {RELAY_ENV: "copy"},
+        "EGRESS_WARDEN_RELAY=mitmproxy": {RELAY_ENV: "mitmproxy"},
+    }
+    rows: list[Row] = []
+    for i, (name, env) in enumerate(variants.items()):
+        fresh = start_warden(
+            sup,
+            bench.workdir / f"relay-{i}",
+            WARDEN_10,
+            GENERATED_RULES[WARDEN_10],
+            bench.upstream,
+            extra_env=env,
+        )
+        assert fresh.proc is not None
+        try:
+            before, one, two = (
+                kib / 1024 for kib in asyncio.run(_rss_with_tunnels(bench, fresh, n))
+            )
+        finally:
+            fresh.proc.stop()
+        bench.log(
+            f"  {name:<{LABEL_WIDTH}} {before:.1f} MiB, {one:.1f} with {n:,},"
+            f" {two:.1f} with {2 * n:,}"
+        )
+        row = Row("memory", f"RSS per 1,000 idle TLS tunnels, fresh warden, {name} (MiB)", LOWER)
+        row.values[WARDEN_10] = (two - one) * 1000 / n
+        rows.append(row)
+    return rows
+
+
 WORKLOADS: dict[str, tuple[str, Callable[[Bench], list[Row]]]] = {
     "http_rps": ("plain HTTP keep-alive requests/s (wrk)", http_rps),
     "new_tunnels": ("new HTTPS CONNECT tunnels/s, one request each (hey)", new_tunnels),
@@ -490,6 +722,10 @@ WORKLOADS: dict[str, tuple[str, Callable[[Bench], list[Row]]]] = {
     "idle_rss": ("RSS per 1,000 idle TLS tunnels (asyncio)", idle_rss),
     "held": ("allowed latency while 1,000 requests are held (asyncio)", held),
     "policy": ("start-up, policy load and lookup at 100,000 rules", policy),
+    "startup": ("fresh starts: time to ready and RSS vs bare mitmproxy and Squid", startup),
+    "websocket": ("plain ws:// download MB/s, metered (asyncio upstream)", websocket),
+    "held_many": ("allowed p99 and RSS while 10,000 requests are held (warden)", held_many),
+    "idle_relay": ("RSS per 1,000 idle tunnels: default relay vs mitmproxy's", idle_relay),
 }
 REFERENCES = (MITMPROXY, SQUID)
 SUBJECTS = (WARDEN_10, WARDEN_100K, WARDEN_10_W2)
