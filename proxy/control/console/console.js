@@ -16,6 +16,7 @@
     view: "queue",
     stream: null,
     choices: new Map(), // item id -> {scope, for} the user picked (kept across re-renders)
+    linked: null, // the item id of a #pending/<id> link already selected
   };
 
   const $ = (id) => document.getElementById(id);
@@ -209,7 +210,25 @@
 
   async function refreshPending() {
     state.pending = await api("GET", "/v1/pending");
+    const linked = linkedItem();
+    const index = linked ? state.pending.findIndex((item) => item.id === linked) : -1;
+    if (index >= 0) {
+      state.selected = index;
+    } else if (linked) {
+      status("Item " + linked + " is no longer pending (decided or expired).");
+    }
+    if (linked) state.linked = linked; // acted on once; from there the user moves on
     renderQueue();
+    if (index >= 0) {
+      const node = $("queue").children[index];
+      if (node) node.scrollIntoView({ block: "center" });
+    }
+  }
+
+  // A notification links to /#pending/<id> (docs/notifications.md): select that item.
+  function linkedItem() {
+    const match = /^#pending\/([0-9A-Za-z_-]{1,64})$/.exec(location.hash);
+    return match && match[1] !== state.linked ? match[1] : null;
   }
 
   function renderQueue() {
@@ -618,6 +637,9 @@
       refreshDecisions().catch(showError);
     });
     document.addEventListener("keydown", onKey);
+    window.addEventListener("hashchange", () => {
+      if (!$("app").hidden) select("queue");
+    });
     setInterval(() => {
       if (!$("app").hidden && state.view === "queue") renderQueue();
     }, 5000);
