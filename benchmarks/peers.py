@@ -7,8 +7,8 @@ import os
 import pwd
 import random
 import secrets
+import socket
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +169,21 @@ def warden_policy(path: Path, extra_rules: int, ports: Sequence[int]) -> Path:
 
 
 def _healthy(control_port: int) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """`GET /healthz` answers 200. A raw keep-alive request that the probe closes itself after
+    the answer: with `Connection: close` the server closes first, and a client already gone by
+    then has been seen to make the control listener's `write_eof` raise ENOTCONN during
+    start-up, which ends the process."""
     try:
-        # A generous timeout: a client that gives up mid-answer during start-up has been seen to
-        # make the control listener's write_eof raise ENOTCONN, which ends the process.
-        with opener.open(f"http://127.0.0.1:{control_port}/healthz", timeout=10) as response:
-            return int(response.status) == 200
-    except OSError:
+        with socket.create_connection(("127.0.0.1", control_port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while b"\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return False
+                answer += chunk
+            return answer.split(b" ", 2)[1] == b"200"
+    except (OSError, IndexError):
         return False
 
 
