@@ -19,6 +19,7 @@ from proxy.agentenv import (
     parse_proxy,
     render,
 )
+from proxy.config import parse_endpoint
 from proxy.identity import valid_id
 from proxy.isolate import IsolationError, check_isolation_available, run_isolated
 from proxy.policy.load import PolicyErrors
@@ -124,6 +125,23 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dns_listener(text: str | None, isolate: bool) -> tuple[str, int] | None:
+    """`exec --dns H:P`: the proxy's `run --dns` listener, for isolated commands to resolve
+    through (a wildcard bind address means this host)."""
+    if text is None:
+        return None
+    if not isolate:
+        raise UsageError("--dns needs --isolate (without it the command uses the host's DNS)")
+    try:
+        endpoint = parse_endpoint(text)
+    except ValueError as exc:
+        raise UsageError(f"--dns {exc}") from None
+    if endpoint.port == 0:
+        raise UsageError(f"--dns {text!r}: give the DNS listener's port")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(endpoint.host, endpoint.host)
+    return host, endpoint.port
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
@@ -131,12 +149,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         return _fail("exec needs a command: egress-warden exec [options] -- CMD ARGS...")
     try:
+        dns = _dns_listener(args.dns, args.isolate)
         if args.isolate:
             endpoint = parse_proxy(args.proxy)
             check_isolation_available()
             inner = f"http://127.0.0.1:{endpoint.port}"
             env = merge_environment(os.environ, build_environment(args, inner))
-            return run_isolated(command, env, endpoint.host, endpoint.port, endpoint.port)
+            return run_isolated(command, env, endpoint.host, endpoint.port, endpoint.port, dns)
         env = merge_environment(os.environ, build_environment(args))
     except PolicyErrors as errors:
         for error in errors.errors:
@@ -236,6 +255,12 @@ def add_agent_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--isolate",
         action="store_true",
         help="own network namespace with only loopback; a forwarder there leads to the proxy",
+    )
+    run.add_argument(
+        "--dns",
+        metavar="H:P",
+        help="with --isolate: resolve names through the proxy's `run --dns` listener at H:P "
+        "(the policy answers; else nothing resolves inside)",
     )
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(func=cmd_exec)

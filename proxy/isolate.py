@@ -3,11 +3,18 @@
 Layout (user, network, PID and mount namespaces, made with util-linux `unshare`):
 
     command -TCP-> 127.0.0.1:PORT (forwarder, inside) -Unix socket-> relay (outside) -TCP-> proxy
+    command -DNS-> 127.0.0.1:53 UDP/TCP (inside) -Unix socket-> relay -TCP-> proxy's --dns listener
 
-The new namespace has only a loopback interface: no route, so no direct connection and no DNS
-server (names resolve at the proxy). A pathname Unix socket is a file, reachable from any network
-namespace; the relay outside connects each stream to the proxy. The user namespace is created
-even when running as root: without it, root inside could `setns` back into the host's network.
+The new namespace has only a loopback interface: no route, so no direct connection. Names
+resolve at the proxy; with `dns` (the proxy's `run --dns` listener) the command can resolve them
+too, but only through the policy: a resolv.conf naming 127.0.0.1 is bind-mounted over
+/etc/resolv.conf in the command's mount namespace, and a DNS forwarder there passes each query
+(UDP ones framed as over TCP) through a second Unix socket to that listener, which answers allowed
+names, refuses denied ones and sends no upstream query for a name the policy does not allow.
+Without it there is no DNS server at all. A pathname Unix socket is a file, reachable from any
+network namespace; the relay outside connects each stream to the proxy. The user namespace is
+created even when running as root: without it, root inside could `setns` back into the host's
+network.
 
 Requirements: Linux with user namespaces for the calling user (`unshare --user --map-root-user`;
 `kernel.unprivileged_userns_clone=1` on Debian kernels before 5.10, `user.max_user_namespaces`
@@ -21,6 +28,7 @@ This module imports only the standard library: its inside half runs as a script
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import os
 import shutil
@@ -30,7 +38,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 EXIT_NOT_ISOLATED = 125  # as `env`/`timeout` use 125 for "the wrapper itself failed"
@@ -41,13 +49,19 @@ _IFF_UP = 0x1
 # cannot ptrace or signal a process of the same user outside and borrow its network; when the
 # command's namespace ends, whatever it left running there ends with it.
 _UNSHARE = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc"]
+_MS_BIND = 4096
+_DNS_PORT = 53
+_DNS_TIMEOUT = 5.0  # seconds a forwarded query may take (a resolver retries after its own)
+_RESOLV_CONF = "/etc/resolv.conf"
 _WHY = (
     "it ran isolated: its only way out is the proxy (HTTP_PROXY/HTTPS_PROXY); a connection that "
-    "does not use the proxy fails with 'Network is unreachable' and names do not resolve"
+    "does not use the proxy fails with 'Network is unreachable', and names resolve only through "
+    "the policy (exec --dns) or not at all"
 )
 
 
 _INSIDE_SCRIPT = str(Path(__file__).resolve())
+_Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class IsolationError(Exception):
@@ -116,17 +130,35 @@ def run_isolated(
     proxy_host: str,
     proxy_port: int,
     inner_port: int,
+    dns: tuple[str, int] | None = None,
 ) -> int:
     """Run `command` isolated, its loopback port `inner_port` relayed to the proxy; its exit code.
+    With `dns` (the proxy's DNS listener, host and port) it resolves names through it.
 
     Raises `IsolationError` before starting anything when the namespace cannot be made.
     """
     check_isolation_available()
     workdir = Path(tempfile.mkdtemp(prefix="egress-warden-isolate-"))
     try:
-        return asyncio.run(_run_isolated(command, env, proxy_host, proxy_port, inner_port, workdir))
+        return asyncio.run(
+            _run_isolated(command, env, proxy_host, proxy_port, inner_port, workdir, dns)
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _relay_to(host: str, port: int) -> _Handler:
+    """A Unix-socket handler that splices each stream to host:port (outside the namespace)."""
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.close()
+            return
+        await _splice((reader, writer), upstream)
+
+    return relay
 
 
 async def _run_isolated(
@@ -136,18 +168,22 @@ async def _run_isolated(
     proxy_port: int,
     inner_port: int,
     workdir: Path,
+    dns: tuple[str, int] | None,
 ) -> int:
     sock_path = workdir / "proxy.sock"
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            upstream = await asyncio.open_connection(proxy_host, proxy_port)
-        except OSError:
-            writer.close()
-            return
-        await _splice((reader, writer), upstream)
-
-    server = await asyncio.start_unix_server(relay, path=str(sock_path))
+    servers = [await asyncio.start_unix_server(_relay_to(proxy_host, proxy_port), str(sock_path))]
+    dns_args: list[str] = []
+    if dns is not None:
+        dns_sock = workdir / "dns.sock"
+        servers.append(await asyncio.start_unix_server(_relay_to(*dns), str(dns_sock)))
+        resolv = workdir / "resolv.conf"
+        # ndots:1: a dotted name is asked as it is, not first with the host's search suffixes.
+        resolv.write_text(
+            f"# egress-warden exec --isolate: the proxy's DNS ({dns[0]}:{dns[1]})\n"
+            "nameserver 127.0.0.1\noptions ndots:1\n",
+            encoding="utf-8",
+        )
+        dns_args = ["--dns", str(dns_sock), str(resolv)]
     argv = [
         str(shutil.which("unshare")),
         *_UNSHARE,
@@ -156,6 +192,7 @@ async def _run_isolated(
         "-P",  # no script directory on sys.path: the inside half is stdlib-only
         _INSIDE_SCRIPT,
         "--inside",
+        *dns_args,
         str(sock_path),
         str(inner_port),
         proxy_host,
@@ -168,7 +205,8 @@ async def _run_isolated(
         _pass_signals(process)
         code = await process.wait()
     finally:
-        server.close()
+        for server in servers:
+            server.close()
     if code < 0:
         return 128 - code
     if code not in (0, EXIT_NOT_ISOLATED):
@@ -200,7 +238,9 @@ def _verify_isolated(proxy_host: str, proxy_port: int) -> None:
     raise IsolationError(f"the proxy {proxy_host}:{proxy_port} is reachable directly")
 
 
-async def _inside(sock_path: str, port: int, command: Sequence[str]) -> int:
+def _forward_to(sock_path: str) -> _Handler:
+    """A TCP handler that splices each connection to the Unix socket `sock_path` (the relay)."""
+
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             upstream = await asyncio.open_unix_connection(sock_path)
@@ -209,7 +249,73 @@ async def _inside(sock_path: str, port: int, command: Sequence[str]) -> int:
             return
         await _splice((reader, writer), upstream)
 
-    server = await asyncio.start_server(forward, "127.0.0.1", port)
+    return forward
+
+
+async def _ask_over_stream(sock_path: str, query: bytes) -> bytes:
+    """One DNS query, framed as over TCP (RFC 1035 4.2.2), through the relay; the answer."""
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    try:
+        writer.write(struct.pack("!H", len(query)) + query)
+        await writer.drain()
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+        return await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+class _DnsDatagrams(asyncio.DatagramProtocol):
+    """UDP 53 inside: each query goes to the proxy's DNS listener over the relay; an answer too
+    large for UDP is sent anyway (the listener marks it truncated, and the resolver retries over
+    TCP, which the stream forwarder carries)."""
+
+    def __init__(self, sock_path: str) -> None:
+        self._sock_path = sock_path
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, query: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            answer = await asyncio.wait_for(_ask_over_stream(self._sock_path, query), _DNS_TIMEOUT)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            return  # no answer: the resolver times out, as with an unreachable server
+        if self._transport is not None:
+            self._transport.sendto(answer, addr)
+
+
+def _use_resolv_conf(resolv: str) -> None:
+    """Bind-mount `resolv` over /etc/resolv.conf (this mount namespace only; unshare made its
+    propagation private). A symlinked resolv.conf is followed to the file it names."""
+    target = os.path.realpath(_RESOLV_CONF)
+    if not os.path.isfile(target):
+        raise OSError(f"{_RESOLV_CONF} ({target}) is not a file to mount over")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(resolv.encode(), target.encode(), None, _MS_BIND, None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot bind-mount over {target}: {os.strerror(errno)}")
+
+
+async def _inside(
+    sock_path: str, port: int, command: Sequence[str], dns_sock: str | None = None
+) -> int:
+    servers: list[asyncio.Server] = [
+        await asyncio.start_server(_forward_to(sock_path), "127.0.0.1", port)
+    ]
+    datagrams: asyncio.DatagramTransport | None = None
+    if dns_sock is not None:
+        servers.append(await asyncio.start_server(_forward_to(dns_sock), "127.0.0.1", _DNS_PORT))
+        datagrams, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _DnsDatagrams(dns_sock), local_addr=("127.0.0.1", _DNS_PORT)
+        )
     try:
         process = await asyncio.create_subprocess_exec(*command)
     except FileNotFoundError:
@@ -220,11 +326,18 @@ async def _inside(sock_path: str, port: int, command: Sequence[str]) -> int:
         return 126
     _pass_signals(process)
     code = await process.wait()
-    server.close()
+    for server in servers:
+        server.close()
+    if datagrams is not None:
+        datagrams.close()
     return 128 - code if code < 0 else code
 
 
 def _inside_main(argv: Sequence[str]) -> int:
+    dns_sock: str | None = None
+    resolv: str | None = None
+    if argv and argv[0] == "--dns":
+        dns_sock, resolv, *argv = argv[1:]
     sock_path, port, proxy_host, proxy_port, sep, *command = argv
     if sep != "--" or not command:
         print("egress-warden: isolate: bad inside arguments", file=sys.stderr)
@@ -232,10 +345,12 @@ def _inside_main(argv: Sequence[str]) -> int:
     try:
         _bring_up_loopback()
         _verify_isolated(proxy_host, int(proxy_port))
+        if resolv is not None:
+            _use_resolv_conf(resolv)
     except (IsolationError, OSError) as exc:
         print(f"egress-warden: not running the command: {exc}", file=sys.stderr)
         return EXIT_NOT_ISOLATED
-    return asyncio.run(_inside(sock_path, int(port), command))
+    return asyncio.run(_inside(sock_path, int(port), command, dns_sock))
 
 
 if __name__ == "__main__":
