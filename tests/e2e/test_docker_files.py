@@ -242,6 +242,8 @@ def test_compose_control_api_is_off_the_agents_network(compose: dict[str, Any]) 
     # Published on the host's loopback, and the console there sends Host: 127.0.0.1:8081.
     assert "127.0.0.1:8081:8081" in warden["ports"]
     assert "127.0.0.1" in _env(warden)["EGRESS_WARDEN_CONTROL_HOST"].split()
+    # The CLI inside the container (`compose exec ... pending`) is pointed at that address.
+    assert _env(warden)["EGRESS_WARDEN_CONTROL_URL"] == f"http://{host}:{port}"
 
 
 def test_compose_ships_no_password(compose: dict[str, Any]) -> None:
