@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +119,100 @@ def worse_summary(rows: Sequence[Row]) -> str:
             found = ", ".join(f"{_SHORT[s]} {v:.3f}x" for s, v in worse.items())
             lines.append(f"  {row.workload} / {row.metric}: {found}")
     return "\n".join([head, *lines]) if lines else f"{head} none"
+
+
+# Issue 17's targets: (label, workload, metric prefix, reference or None for a figure, the
+# target as text, a check of the achieved value). References: MITMPROXY, SQUID, or "self" for a
+# ratio the row carries itself.
+TARGETS: list[tuple[str, str, str, str | None, str, Callable[[float], bool]]] = [
+    (
+        "tunnel MB/s, 100 MB download, vs Squid",
+        "HTTPS",
+        "tunnel MB/s",
+        SQUID,
+        ">= 1.0x",
+        lambda v: v >= 1.0,
+    ),
+    (
+        "req/s inside 32 long-lived tunnels, vs Squid",
+        "HTTPS",
+        "req/s inside",
+        SQUID,
+        ">= 1.0x",
+        lambda v: v >= 1.0,
+    ),
+    (
+        "new CONNECT tunnels/s, vs Squid",
+        "HTTPS",
+        "new CONNECT tunnels/s",
+        SQUID,
+        ">= 0.5x",
+        lambda v: v >= 0.5,
+    ),
+    (
+        "added latency, new tunnel + TLS + request, p50 (ms)",
+        "latency",
+        "added new tunnel + TLS + request p50",
+        None,
+        "<= 0.7 ms",
+        lambda v: v <= 0.7,
+    ),
+    (
+        "RSS per 1,000 idle tunnels vs bare mitmproxy",
+        "memory",
+        "RSS per 1,000 idle TLS tunnels",
+        MITMPROXY,
+        "<= 0.7x",
+        lambda v: v <= 0.7,
+    ),
+    (
+        "RSS at start vs bare mitmproxy",
+        "start-up",
+        "RSS 1 s after ready",
+        MITMPROXY,
+        "<= 1.1x",
+        lambda v: v <= 1.1,
+    ),
+    (
+        "plain HTTP req/s vs bare mitmproxy",
+        "plain HTTP",
+        "keep-alive req/s",
+        MITMPROXY,
+        ">= 1.2x",
+        lambda v: v >= 1.2,
+    ),
+    (
+        "allowed p99 while 10,000 held, vs nothing held",
+        "held 10k",
+        "p99 while",
+        None,
+        "<= 1.2x",
+        lambda v: v <= 1.2,
+    ),
+]
+
+
+def target_summary(rows: Sequence[Row], subject: str = WARDEN_10) -> str:
+    """Issue 17's target table for `subject` (default: the 10-rule egress-warden)."""
+    lines = [f"issue 17 targets ({_SHORT[subject]}):"]
+    for label, workload, prefix, reference, target, met in TARGETS:
+        row = next(
+            (r for r in rows if r.workload == workload and r.metric.startswith(prefix)), None
+        )
+        value = None
+        if row is not None:
+            value = (
+                row.values.get(subject)
+                if reference is None
+                else ratio_value(row, subject, reference)
+            )
+        if value is None:
+            lines.append(f"  {label}: target {target}, not measured")
+            continue
+        shown = f"{value:.2f}x" if reference is not None or "(x)" in row.metric else fmt(value)
+        verdict = "met" if met(value) else "NOT met"
+        lines.append(f"  {label}: target {target}, achieved {shown} ({verdict})")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -32,7 +32,7 @@ from benchmarks.procs import (
     missing_tools,
     raise_fd_limit,
 )
-from benchmarks.report import RunInfo, text_table, update_doc, worse_summary
+from benchmarks.report import RunInfo, target_summary, text_table, update_doc, worse_summary
 from benchmarks.upstream import start_nginx, start_ws_upstream
 from benchmarks.workloads import FULL, QUICK, WORKLOADS, Bench, Row, Settings, check_and_warm
 
@@ -91,7 +91,10 @@ def describe(settings: Settings) -> str:
         f"{s.seconds} s per throughput run, {s.latency_seconds} s per latency run, "
         f"{s.connections} connections, {s.idle_tunnels:,} idle tunnels, {s.held:,} held "
         f"requests, {s.downloads} download{'s' if s.downloads != 1 else ''} per peer "
-        "(interleaved likewise)"
+        f"(interleaved likewise), {s.held_many:,} held requests for the held-10k rows, "
+        f"{s.ws_runs} plain ws:// download{'s' if s.ws_runs != 1 else ''} of "
+        f"{s.ws_bytes / 1e6:.0f} MB per peer, {s.startups} fresh start"
+        f"{'s' if s.startups != 1 else ''} per peer kind"
     )
 
 
@@ -128,6 +131,7 @@ def bench_run(args: argparse.Namespace, workdir: Path, sup: Supervisor) -> None:
     log(note)
     print(text_table(rows))
     print(f"\n{worse_summary(rows)}")
+    print(f"\n{target_summary(rows)}")
     if failed:
         print("\nworkloads that failed (no rows):\n  " + "\n  ".join(failed))
         raise BenchError(f"{len(failed)} workload(s) failed")

@@ -12,8 +12,9 @@ import pytest
 from benchmarks import run as bench_run
 from benchmarks.clients import parse_wrk
 from benchmarks.procs import BenchError, free_port, port_open
+from benchmarks.report import target_summary
 from benchmarks.websocket import WS_PATH, ws_download
-from benchmarks.workloads import HIGHER, Bench, Row
+from benchmarks.workloads import HIGHER, INFO, Bench, Row
 from tests.support.otlp import wait_for
 from tests.support.proxy import REPO
 
@@ -98,3 +99,30 @@ def test_ws_answer_other_than_101_is_a_bench_error(ws_upstream: int) -> None:
             total=10,
             message_size=65536,
         )
+
+
+def test_target_summary_reads_ratios_figures_and_missing_rows() -> None:
+    rows = [
+        Row(
+            "HTTPS",
+            "tunnel MB/s, 100 MB download (median of 1)",
+            HIGHER,
+            {"ew10": 900.0, "squid": 1000.0},
+        ),
+        Row(
+            "plain HTTP",
+            "keep-alive req/s (32 conns)",
+            HIGHER,
+            {"ew10": 1500.0, "mitmproxy": 1000.0},
+        ),
+        Row(
+            "held 10k", "p99 while 10,000 are held / p99 with nothing held (x)", INFO, {"ew10": 1.1}
+        ),
+    ]
+    text = target_summary(rows)
+    assert (
+        "tunnel MB/s, 100 MB download, vs Squid: target >= 1.0x, achieved 0.90x (NOT met)" in text
+    )
+    assert "plain HTTP req/s vs bare mitmproxy: target >= 1.2x, achieved 1.50x (met)" in text
+    assert "vs nothing held: target <= 1.2x, achieved 1.10x (met)" in text
+    assert "RSS at start vs bare mitmproxy: target <= 1.1x, not measured" in text
