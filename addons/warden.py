@@ -212,6 +212,8 @@ class EgressWarden:
     """Turns CONNECT (`http_connect`), plain HTTP and inspected requests (`requestheaders`) and
     raw tunnels' ClientHellos (`next_layer`) into facts for the gate; pins upstreams."""
 
+    keep_websocket_messages = False  # a WebSocket flow keeps only its current message
+
     def __init__(
         self,
         gate: Gate,
@@ -567,6 +569,10 @@ class EgressWarden:
                 meter.sent += len(message.content)
             else:
                 meter.received += len(message.content)
+        if flow.websocket is not None and not self.keep_websocket_messages:
+            # mitmproxy appends every message to the flow for as long as the connection lives
+            # (75 MB relayed: 75 MB more RSS); nothing here reads them after this hook.
+            del flow.websocket.messages[:-1]
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._close_exchange(flow)
@@ -608,6 +614,8 @@ class ScriptWarden(EgressWarden):
     anonymous callers and no approval queue (a miss under `ask` is refused
     `approval_unavailable`; `egress-warden run` has the rest). Raw CONNECT tunnels are
     intercepted by mitmproxy's own layers here: clients must trust mitmproxy's CA."""
+
+    keep_websocket_messages = True  # mitmweb shows them, `-w` saves them
 
     def __init__(self) -> None:  # the gate is built in `configure`, once the options are known
         self._built = False

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
@@ -118,3 +119,25 @@ def test_plain_http_exchange_still_closes_at_its_response(
     request_id = ws_proxy.wait_decision(**{"url.path": "/plain-after-ws"})["egress.request_id"]
     close = _wait_close(ws_proxy, request_id)
     assert close["network.transport.protocol"] == "http"
+
+
+def test_long_websocket_does_not_keep_its_messages(
+    ws_proxy: ProxyProcess, ws_upstream: WsEchoServer
+) -> None:
+    """mitmproxy appends every message to the flow; the warden keeps only the current one, so
+    a long-lived WebSocket costs the proxy no memory per message relayed (~75 MB here)."""
+    proxy = psutil.Process(ws_proxy.process.pid)
+    client, request_id = _open(ws_proxy, ws_upstream, "/ws-long")
+    chunk = b"m" * (128 * 1024)
+    for _ in range(8):  # warm-up: buffers and allocator pools at their working size
+        client.send(chunk)
+        assert client.receive() == chunk * 2
+    before = proxy.memory_info().rss
+    for _ in range(200):  # 25 MB up, 50 MB down
+        client.send(chunk)
+        assert client.receive() == chunk * 2
+    grown = proxy.memory_info().rss - before
+    client.close()
+    close = _wait_close(ws_proxy, request_id)
+    assert close["egress.bytes.sent"] == 208 * len(chunk)
+    assert grown < 20 * 2**20, f"proxy RSS grew by {grown / 2**20:.1f} MiB"
