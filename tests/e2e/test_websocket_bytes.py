@@ -4,12 +4,15 @@ not headers), and is emitted once, at the end, not at the 101 handshake."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+import trustme
 
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
 from tests.support.clients import raw_request
@@ -141,3 +144,54 @@ def test_long_websocket_does_not_keep_its_messages(
     close = _wait_close(ws_proxy, request_id)
     assert close["egress.bytes.sent"] == 208 * len(chunk)
     assert grown < 20 * 2**20, f"proxy RSS grew by {grown / 2**20:.1f} MiB"
+
+
+@pytest.fixture(scope="module")
+def wss_world(
+    upstreams: Upstreams,
+    ca: trustme.CA,
+    ca_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ProxyProcess, WsEchoServer]]:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.allowed.test").configure_cert(server_tls)
+    server = start_ws_echo(ALLOWED_IP, server_tls)
+    tmp = tmp_path_factory.mktemp("wss")
+    policy = write_policy(
+        tmp / "policy.yaml",
+        upstreams,
+        body=f"version: 1\ndefault: deny\nallow: [api.allowed.test, {ALLOWED_IP}/32]\n"
+        f"network: {{ports: [{server.port}]}}\ninspect:\n  - host: api.allowed.test\n",
+    )
+    proc = start_proxy(tmp / "state", [policy], *resolve_args(), "--upstream-ca", str(ca_file))
+    yield proc, server
+    proc.stop()
+    server.close()
+
+
+def test_wss_inside_an_inspected_tunnel_is_metered_the_same_way(
+    wss_world: tuple[ProxyProcess, WsEchoServer],
+) -> None:
+    proxy, server = wss_world
+    client_tls = ssl.create_default_context(
+        cafile=str(proxy.state_dir / "ca" / "mitmproxy-ca-cert.pem")
+    )
+    client = ProxiedWsClient(
+        (proxy.proxy_host, proxy.proxy_port),
+        "api.allowed.test",
+        server.port,
+        "/wss-counted",
+        tls=client_tls,
+    )
+    assert client.status == 101
+    request_id = proxy.wait_decision(**{"url.path": "/wss-counted"})["egress.request_id"]
+    for message in MESSAGES:
+        client.send(message)
+        assert client.receive() == message * 2
+    time.sleep(0.3)
+    assert _closes(proxy, request_id) == []
+    client.close()
+    close = _wait_close(proxy, request_id)
+    sent = sum(_payload_len(m) for m in MESSAGES)
+    assert (close["egress.bytes.sent"], close["egress.bytes.received"]) == (sent, 2 * sent)
+    assert close["network.transport.protocol"] == "https_inspected"

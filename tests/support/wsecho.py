@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ class WsEchoServer:
     differs: received = 2 x sent)."""
 
     sock: socket.socket
+    tls: ssl.SSLContext | None = None  # wss:// when set
     connections: int = 0
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -47,9 +49,18 @@ class WsEchoServer:
             except OSError:
                 return
             self.connections += 1
-            thread = threading.Thread(target=self._session, args=(conn,), daemon=True)
+            thread = threading.Thread(target=self._serve_one, args=(conn,), daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()
+                return
+        self._session(conn)
 
     @staticmethod
     def _session(conn: socket.socket) -> None:
@@ -86,25 +97,48 @@ class WsEchoServer:
                     return
 
 
-def start_ws_echo(host: str) -> WsEchoServer:
+def start_ws_echo(host: str, tls: ssl.SSLContext | None = None) -> WsEchoServer:
     sock = socket.socket()
     sock.bind((host, 0))
     sock.listen(64)
-    server = WsEchoServer(sock)
+    server = WsEchoServer(sock, tls)
     threading.Thread(target=server.serve, daemon=True).start()
     return server
 
 
 class ProxiedWsClient:
-    """A plain `ws://` client speaking through a forward proxy: the upgrade request goes in
-    absolute form (`GET http://host:port/path`), then frames flow on the same connection."""
+    """A WebSocket client speaking through a forward proxy. Plain `ws://`: the upgrade request
+    goes in absolute form (`GET http://host:port/path`); `wss://` (`tls` given): CONNECT, TLS
+    with that context, then the upgrade in origin form. Frames follow on the same connection."""
 
-    def __init__(self, proxy: tuple[str, int], host: str, port: int, path: str = "/") -> None:
-        self.sock = socket.create_connection(proxy, timeout=10)
+    def __init__(
+        self,
+        proxy: tuple[str, int],
+        host: str,
+        port: int,
+        path: str = "/",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.sock: socket.socket = socket.create_connection(proxy, timeout=10)
+        target = f"http://{host}:{port}{path}"
+        if tls is not None:
+            self.sock.sendall(
+                f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = self.sock.recv(1)
+                if not chunk:
+                    raise ConnectionError(f"proxy closed during CONNECT: {answer!r}")
+                answer += chunk
+            if answer.split(b" ", 2)[1] != b"200":
+                raise ConnectionError(f"CONNECT refused: {answer!r}")
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
+            target = path
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             (
-                f"GET http://{host}:{port}{path} HTTP/1.1\r\n"
+                f"GET {target} HTTP/1.1\r\n"
                 f"Host: {host}:{port}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
