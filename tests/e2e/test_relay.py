@@ -28,7 +28,7 @@ import pytest
 
 from tests.conftest import ALLOWED_IP, resolve_args
 from tests.support.control import TOKEN_ENV, api
-from tests.support.proxy import ProxyProcess, start_proxy
+from tests.support.proxy import ProxyProcess, free_port, start_proxy
 from tests.support.tunnel import open_tunnel
 
 pytestmark = pytest.mark.e2e
@@ -133,6 +133,9 @@ def upstream() -> Iterator[Upstream]:
     loop.call_soon_threadsafe(loop.stop)
 
 
+SOCKS_PORTS: dict[int, int] = {}  # a relay proxy's HTTP port -> its SOCKS5 port
+
+
 def _policy(path: Path, upstream: Upstream) -> Path:
     path.write_text(
         f"version: 1\ndefault: deny\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
@@ -147,9 +150,12 @@ def relay_proxy(
 ) -> Iterator[ProxyProcess]:
     tmp = tmp_path_factory.mktemp(f"relay-{request.param}")
     policy = _policy(tmp / "policy.yaml", upstream)
+    socks_port = free_port()
     extra = [*resolve_args(), "--resolve", f"revocable.test:{ALLOWED_IP}", "--drain", "1s"]
+    extra += ["--socks", f"127.0.0.1:{socks_port}"]
     env = {**TOKEN_ENV, "EGRESS_WARDEN_RELAY": request.param}
     proc = start_proxy(tmp / "state", [policy], *extra, env=env)
+    SOCKS_PORTS[proc.proxy_port] = socks_port
     yield proc
     proc.stop()
 
@@ -357,6 +363,31 @@ def test_a_thousand_concurrent_tunnels_open_and_close(
             sock.close()
     lines = _new_closes(relay_proxy, before, count=len(tunnels), timeout=30)
     assert {_counts(line) for line in lines} == {(6, 1)}
+
+
+def test_socks5_tunnels_are_relayed_byte_exact_and_counted(
+    relay_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    before = len(_closes(relay_proxy))
+    sock = socket.create_connection(("127.0.0.1", SOCKS_PORTS[relay_proxy.proxy_port]), timeout=10)
+    with sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert sock.recv(2) == b"\x05\x00"
+        name = b"allowed.test"
+        sock.sendall(
+            b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack("!H", upstream.port)
+        )
+        assert sock.recv(10)[:2] == b"\x05\x00"
+        header, size = b"SINK\n", 3 * MiB + 5
+        sock.sendall(header)
+        for chunk in _pattern(size):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        answer, _ = _recv_all(sock)
+    assert answer == f"{_pattern_digest(size)} {size}\n".encode()
+    (line,) = _new_closes(relay_proxy, before)
+    assert _counts(line) == (len(header) + size, len(answer))
+    assert line["network.transport.protocol"] == "socks5"
 
 
 def test_revocation_closes_a_relayed_tunnel(relay_proxy: ProxyProcess, upstream: Upstream) -> None:
