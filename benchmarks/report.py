@@ -206,7 +206,7 @@ def target_summary(rows: Sequence[Row], subject: str = WARDEN_10) -> str:
                 if reference is None
                 else ratio_value(row, subject, reference)
             )
-        if value is None:
+        if row is None or value is None:
             lines.append(f"  {label}: target {target}, not measured")
             continue
         shown = f"{value:.2f}x" if reference is not None or "(x)" in row.metric else fmt(value)

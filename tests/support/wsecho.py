@@ -77,7 +77,7 @@ class WsEchoServer:
                         parts.append(event.data)
                         if event.message_finished:
                             whole = (
-                                "".join(parts)
+                                "".join(p for p in parts if isinstance(p, str))
                                 if isinstance(event.data, str)
                                 else b"".join(p for p in parts if isinstance(p, bytes))
                             )
