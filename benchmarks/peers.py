@@ -116,6 +116,7 @@ pid_filename {workdir}/squid.pid
 coredump_dir {workdir}
 shutdown_lifetime 0 seconds
 pinger_enable off
+http_upgrade_request_protocols websocket allow all
 http_upgrade_request_protocols WebSocket allow all
 digest_generation off
 netdb_filename none
