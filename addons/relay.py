@@ -37,8 +37,8 @@ HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_MOVE")
 # 256 KiB bounds what a stalled reader pins in kernel memory at 512 KiB per tunnel. Idle pipes
 # cost nothing (the kernel allocates pipe pages as they fill).
 PIPE_SIZE = 256 * 1024
-COPY_BUFFER = 64 * 1024  # the fallback's buffer per direction, allocated on first use
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ names it; older fcntl does not)
+COPY_BUFFER = 64 * 1024  # the fallback reads this much at a time (bytes it cannot send wait)
+IDLE_PIPES = 256  # empty pipes kept for reuse: a tunnel holds a pipe only while bytes wait in it
 _HANDOVER_WAIT = 5.0  # seconds mitmproxy may take to hand over bytes it had already read
 
 
@@ -74,10 +74,8 @@ class _Way:
     """One direction of a tunnel: bytes read from `src` are written to `dst`."""
 
     __slots__ = (
-        "buffer",
         "done",
         "dst",
-        "end",
         "eof",
         "from_client",
         "in_pipe",
@@ -86,7 +84,6 @@ class _Way:
         "pipe_w",
         "reading",
         "src",
-        "start",
         "writing",
     )
 
@@ -94,20 +91,55 @@ class _Way:
         self.src = src
         self.dst = dst
         self.from_client = from_client
-        self.pending = b""  # bytes mitmproxy had read before the handover: written first
-        self.pipe_r = -1  # the splice pipe, made on first data (idle tunnels hold no pipe)
+        # Bytes to write before any other: what mitmproxy had read before the handover; on the
+        # copy path also what the destination could not take yet.
+        self.pending = b""
+        self.pipe_r = -1  # the splice pipe, taken from the pool while bytes wait in it
         self.pipe_w = -1
         self.in_pipe = 0
-        self.buffer: memoryview | None = None  # the copy path's buffer
-        self.start = 0
-        self.end = 0
         self.eof = False  # the source ended its stream (FIN)
         self.done = False  # ... and everything before it was written and the FIN passed on
         self.reading = False
         self.writing = False
 
     def held(self) -> int:
-        return len(self.pending) + self.in_pipe + (self.end - self.start)
+        return len(self.pending) + self.in_pipe
+
+
+class _PipePool:
+    """Empty splice pipes for reuse: a direction takes one when bytes arrive and gives it back
+    once they are all written, so idle tunnels hold none (the loop is single-threaded)."""
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self._idle:
+            return self._idle.pop()
+        import fcntl  # Linux only, as splice is
+
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe still works, in smaller steps
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        return r, w
+
+    def give(self, way: _Way) -> None:
+        """Take `way`'s pipe back: reused if empty and wanted, else closed."""
+        if way.pipe_r < 0:
+            return
+        if way.in_pipe == 0 and len(self._idle) < IDLE_PIPES:
+            self._idle.append((way.pipe_r, way.pipe_w))
+        else:
+            os.close(way.pipe_r)
+            os.close(way.pipe_w)
+        way.pipe_r = way.pipe_w = -1
+        way.in_pipe = 0
+
+
+_pipes = _PipePool()
+# The copy path reads into one buffer shared by every tunnel (the loop runs one callback at a
+# time); only bytes a destination cannot take yet are kept, by their direction.
+_scratch = memoryview(bytearray(COPY_BUFFER))
 
 
 _live: weakref.WeakSet[Relay] = weakref.WeakSet()
@@ -164,7 +196,7 @@ class Relay:
         try:
             if self._splice:
                 if way.pipe_r < 0:
-                    way.pipe_r, way.pipe_w = _make_pipe()
+                    way.pipe_r, way.pipe_w = _pipes.take()
                 n = os.splice(
                     way.src.fileno(),
                     way.pipe_w,
@@ -172,9 +204,7 @@ class Relay:
                     flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
                 )
             else:
-                if way.buffer is None:
-                    way.buffer = memoryview(bytearray(COPY_BUFFER))
-                n = way.src.recv_into(way.buffer)
+                n = way.src.recv_into(_scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # a reset or any other failure of the source ends the tunnel
@@ -185,7 +215,16 @@ class Relay:
         elif self._splice:
             way.in_pipe += n
         else:
-            way.start, way.end = 0, n
+            try:
+                sent = way.dst.send(_scratch[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # the destination is gone: the tunnel ends
+                self._finish(notify=True, hard=True)
+                return
+            self._count(way, sent)
+            if sent < n:
+                way.pending = bytes(_scratch[sent:n])
         self._flush(way)
 
     def _on_writable(self, way: _Way) -> None:
@@ -201,23 +240,15 @@ class Relay:
                 n = way.dst.send(way.pending)
                 way.pending = way.pending[n:]
                 written += n
-            if not way.pending:
-                if self._splice:
-                    while way.in_pipe:
-                        n = os.splice(
-                            way.pipe_r,
-                            way.dst.fileno(),
-                            way.in_pipe,
-                            flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
-                        )
-                        way.in_pipe -= n
-                        written += n
-                else:
-                    while way.start < way.end:
-                        assert way.buffer is not None
-                        n = way.dst.send(way.buffer[way.start : way.end])
-                        way.start += n
-                        written += n
+            while not way.pending and way.in_pipe:
+                n = os.splice(
+                    way.pipe_r,
+                    way.dst.fileno(),
+                    way.in_pipe,
+                    flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
+                )
+                way.in_pipe -= n
+                written += n
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:  # the destination is gone (reset, broken pipe): the tunnel ends
@@ -229,6 +260,7 @@ class Relay:
             # The destination is full: stop reading the source until it drains.
             self._watch(way, read=False, write=True)
             return
+        _pipes.give(way)
         if not way.eof:
             self._watch(way, read=True, write=False)
             return
@@ -237,7 +269,6 @@ class Relay:
             way.done = True
             with contextlib.suppress(OSError):
                 way.dst.shutdown(socket.SHUT_WR)  # the half-close goes on to the other side
-            self._close_pipe(way)
         if all(w.done for w in self._ways):
             self._finish(notify=True, hard=False)
 
@@ -272,14 +303,6 @@ class Relay:
 
     # -- the end -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _close_pipe(way: _Way) -> None:
-        for fd in (way.pipe_r, way.pipe_w):
-            if fd >= 0:
-                os.close(fd)
-        way.pipe_r = way.pipe_w = -1
-        way.in_pipe = 0
-
     def _finish(self, *, notify: bool, hard: bool) -> None:
         if self.finished:
             return
@@ -289,7 +312,7 @@ class Relay:
             self._idle_timer.cancel()
         for way in self._ways:
             self._watch(way, read=False, write=False)
-            self._close_pipe(way)
+            _pipes.give(way)
         for sock in (self._client, self._server):
             if hard:
                 # mitmproxy still holds its own descriptor of each socket: shutdown reaches the
@@ -299,15 +322,6 @@ class Relay:
             sock.close()
         if notify:
             self._on_end()
-
-
-def _make_pipe() -> tuple[int, int]:
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # a smaller pipe still works, just in smaller steps
-        import fcntl
-
-        fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-    return r, w
 
 
 # -- the mitmproxy side ---------------------------------------------------------------------
@@ -440,6 +454,7 @@ class RelayedTunnel(MeteredTunnel):
         self._relay = relay
         relay.start(b"".join(self._pending[0]), b"".join(self._pending[1]))
         self._pending = ([], [])
+        self._handover = None
 
 
 def _stream_ios(
