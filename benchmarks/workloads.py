@@ -423,7 +423,8 @@ async def _hold(
         ],
         concurrency or bench.settings.open_concurrency,
     )
-    deadline = time.monotonic() + HOLD_TIMEOUT
+    timeout = max(HOLD_TIMEOUT, n / HOLD_RATE_FLOOR)
+    deadline = time.monotonic() + timeout
     count = 0
     while time.monotonic() < deadline:
         count = await _outstanding(peer, silent) - before
@@ -431,7 +432,7 @@ async def _hold(
             return writers
         await asyncio.sleep(0.2)
     await close_all(writers)
-    raise BenchError(f"{peer.label}: only {count} of {n} requests held after {HOLD_TIMEOUT:.0f}s")
+    raise BenchError(f"{peer.label}: only {count} of {n} requests held after {timeout:.0f}s")
 
 
 async def _outstanding(peer: Peer, silent: SilentUpstream) -> int:
@@ -454,6 +455,7 @@ def _held_targets(bench: Bench, peer: Peer, n: int, silent_port: int) -> list[tu
 IDLE_SETTLE = 1.5  # seconds between opening idle tunnels and reading RSS
 CPU_WINDOW = 2.0  # seconds over which the idle CPU of a holding proxy is sampled
 HOLD_TIMEOUT = 60.0  # seconds for all held requests to be registered
+HOLD_RATE_FLOOR = 80  # held requests per second: a slower proxy fails the workload
 
 
 async def _cpu_share(proc: Proc, seconds: float) -> float:
