@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import os
 import socket
 import time
@@ -24,11 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
 from mitmproxy import connection
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler, ConnectionIO
+
+log = structlog.get_logger("egress-warden")
 
 RELAY_ENV = "EGRESS_WARDEN_RELAY"
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_MOVE")
@@ -380,6 +384,7 @@ class RelayedTunnel(MeteredTunnel):
             return  # not plain TCP streams (never so for CONNECT, SOCKS5, transparent)
         self._handle_event = self.handing_over  # type: ignore[method-assign]
         self._handover = asyncio.ensure_future(self._hand_over(handler))
+        self._handover.add_done_callback(functools.partial(_handover_failed, handler))
 
     _handle_event = start
 
@@ -455,6 +460,16 @@ class RelayedTunnel(MeteredTunnel):
         relay.start(b"".join(self._pending[0]), b"".join(self._pending[1]))
         self._pending = ([], [])
         self._handover = None
+
+
+def _handover_failed(handler: ConnectionHandler, task: asyncio.Task[None]) -> None:
+    """A handover that raised leaves a tunnel nobody reads: log it and close the client."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    log.error("egress.relay.handover_failed", error=repr(error))
+    if handler.client in handler.transports:
+        handler.close_connection(handler.client)
 
 
 def _stream_ios(
