@@ -25,6 +25,8 @@ class GrantKeeper:
         self._fleet = fleet
         self._clock = clock
         self._seen: tuple[int, float, str] | None = None  # the store's grants signature
+        # (agent, host, port) -> (until, verdict): once approvals used here, see open_window
+        self._windows: dict[tuple[str | None, str, int], tuple[float, Verdict]] = {}
 
     def build(
         self,
@@ -73,15 +75,12 @@ class GrantKeeper:
         """Another replica revoked or used up `grant_id`."""
         self.index.remove(grant_id)
 
-    # -- once passes -----------------------------------------------------------------------
+    # -- once passes and windows ------------------------------------------------------------
 
-    async def store_once(
-        self, item: PendingItem, grant_for: GrantFor, approver: str, note: str
-    ) -> None:
-        """A `once` approval nobody waited for: the agent's next retry gets through, once.
-        Stored before any other replica hears of the approval, so a request released there
-        uses it up."""
-        grant = Grant(
+    def once_pass(self, item: PendingItem, grant_for: GrantFor, approver: str, note: str) -> Grant:
+        """The pass a `once` approval nobody waited for leaves: the agent's next retry gets
+        through, once (stored with the item's resolution, in the same transaction)."""
+        return Grant(
             id=f"once-{item.id}",
             pattern=grant_pattern(item.host, item.port),
             action=Action.ALLOW,
@@ -92,35 +91,54 @@ class GrantKeeper:
             created_at=self._clock(),
             expires_at=item.expires_at,
         )
-        await self.add(grant)
 
-    async def take_once(self, agent: str | None, host: str, port: int) -> Verdict | None:
-        """Use up a `once` pass for this destination, if there is one (exactly one request
-        gets through, whichever worker or replica it reaches)."""
-        for grant in self.index.once_for(agent, grant_pattern(host, port)):
-            try:
-                won = await self._store.consume_grant(grant.id)
-            except StoreError:
-                return None
-            self.index.remove(grant.id)
-            if won:
-                self._fleet.publish(FleetMessage(MessageKind.GRANT_REVOKED, grant.id))
-                return Verdict(
-                    Outcome.APPROVED,
-                    grant.id.removeprefix("once-"),
-                    Scope.ONCE,
-                    GrantFor.AGENT if grant.agent is not None else GrantFor.ALL,
-                    grant.created_by,
-                    "human",
-                    grant.note,
-                    grant.id,
-                )
-        return None
+    def stored(self, grant: Grant) -> None:
+        """Tell this process and the replicas about a grant the store now holds."""
+        self.index.add(grant)
+        self._fleet.publish(FleetMessage(MessageKind.GRANTS_CHANGED))
 
-    async def use_up_once(self, item_id: str) -> None:
-        """Requests released here were the `once` another replica approved: its pass is spent."""
-        await self._store.consume_grant(f"once-{item_id}")
-        self.index.remove(f"once-{item_id}")
+    async def take_once(
+        self, agent: str | None, host: str, port: int, window: float
+    ) -> Verdict | None:
+        """The `once` approval this request may use: an open window of one (see
+        `open_window`), else a pass used up in the store (exactly one request gets each,
+        whichever worker or replica it reaches); None when there is neither."""
+        opened = self._windows.get((agent, host, port))
+        if opened is not None and opened[0] > self._clock():
+            return opened[1]
+        pattern = grant_pattern(host, port)
+        try:
+            grant = await self._store.take_once_pass(pattern, agent, self._clock())
+        except StoreError:
+            return None
+        if grant is None:
+            return None
+        self.index.remove(grant.id)
+        self._fleet.publish(FleetMessage(MessageKind.GRANT_REVOKED, grant.id))
+        verdict = Verdict(
+            Outcome.APPROVED,
+            grant.id.removeprefix("once-"),
+            Scope.ONCE,
+            GrantFor.AGENT if grant.agent is not None else GrantFor.ALL,
+            grant.created_by,
+            "human",
+            grant.note,
+            grant.id,
+        )
+        self.open_window(agent, host, port, verdict, window)
+        return verdict
+
+    def open_window(
+        self, agent: str | None, host: str, port: int, verdict: Verdict, seconds: float
+    ) -> None:
+        """A `once` approval was used here: what the same agent sends to the same destination
+        in the next `seconds` belongs to the same client operation (git's smart HTTP makes a
+        GET then POSTs), so it is let through too. Per process; 0 turns windows off."""
+        now = self._clock()
+        for key in [k for k, (until, _) in self._windows.items() if until <= now]:
+            del self._windows[key]
+        if seconds > 0:
+            self._windows[(agent, host, port)] = (now + seconds, verdict)
 
     # -- keeping in step -------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from proxy.records import ApprovalRecord, Grant, GrantFor, PendingItem
 from proxy.review.chain import ChainResult, RecentDecision, bounded_justification
 from proxy.review.runner import AutoReviewer
 from proxy.store import Store, StoreError
+from proxy.store.base import Resolution, ResolutionWriter
 from proxy.telemetry import ApprovalEvent, Telemetry
 
 log = structlog.get_logger("egress-warden")
@@ -68,6 +69,7 @@ class ApprovalQueue:
         self._waiters = Waiters()
         self._keeper = GrantKeeper(store, grants, self._fleet, clock)
         self._tier = ReviewTier(store, self._keeper, telemetry, clock)
+        self._once_window = ApprovalSettings().once_window  # the policy's, as last seen
 
     @property
     def reviewer(self) -> AutoReviewer:
@@ -133,9 +135,14 @@ class ApprovalQueue:
 
     # -- reviewers and holding -------------------------------------------------------------
 
-    async def take_one_shot(self, agent: str | None, host: str, port: int) -> Verdict | None:
-        """A `once` approval given while nobody waited lets exactly one later request through."""
-        return await self._keeper.take_once(agent, host, port)
+    async def take_one_shot(
+        self, agent: str | None, host: str, port: int, settings: ApprovalSettings | None = None
+    ) -> Verdict | None:
+        """A `once` approval given while nobody waited lets exactly one later request through
+        (with what follows it within `approval.once_window`: see `GrantKeeper.open_window`)."""
+        if settings is not None:
+            self._once_window = settings.once_window
+        return await self._keeper.take_once(agent, host, port, self._once_window)
 
     async def auto_review(
         self, facts: RequestFacts, policy: EffectivePolicy
@@ -157,11 +164,36 @@ class ApprovalQueue:
         Raises StoreError when the shared queue cannot be reached (nothing new is held then).
         """
         assert facts.host is not None
+        self._once_window = settings.once_window
         item = await self._join(facts, settings, review)
         if on_held is not None:
             on_held(item)
         waited = await self._waiters.wait(item.id, settings.wait, client_gone)
-        return HoldResult(item, waited.verdict, waited.abandoned, waited.draining)
+        verdict = waited.verdict
+        if verdict is None:
+            # Leaving counts in the store: if the item was resolved while this request still
+            # counted as waiting, that resolution covered it (an exact `once` across replicas).
+            verdict = await self._leave(item.id)
+            if verdict is None:
+                return HoldResult(item, None, waited.abandoned, waited.draining)
+        if _is_once_approval(verdict):
+            self._keeper.open_window(
+                facts.agent, facts.host.name, facts.port, verdict, settings.once_window
+            )
+        return HoldResult(item, verdict)
+
+    async def _leave(self, item_id: str) -> Verdict | None:
+        """Stop waiting on `item_id` in the store; the verdict that covered this request when
+        the item was resolved meanwhile, else None."""
+        try:
+            if await self._store.leave_pending(item_id):
+                return None
+            record = await self._store.latest_approval(item_id)
+        except StoreError as exc:
+            # Still counted as waiting: a `once` approval of this item leaves no pass then.
+            log.warning("egress.store", error=str(exc))
+            return None
+        return verdict_from_record(record) if record is not None else None
 
     async def _join(
         self, facts: RequestFacts, settings: ApprovalSettings, review: ChainResult | None
@@ -237,51 +269,59 @@ class ApprovalQueue:
         if grant_for is not GrantFor.ALL:
             # Checked before the item is claimed, so a refused request leaves it pending.
             grant_for = await self._grant_for_item(item_id, grant_for, by_policy)
+        covers = grant_for
+        decided: list[tuple[Verdict, Grant | None]] = []  # what `write` made of the claim
+
+        def write(item: PendingItem, waiting: int) -> Resolution:
+            # Runs in the claim's transaction: the history row (and any grant) commit with it,
+            # so a request that stops waiting on another replica either left before the claim
+            # (and counts for nothing) or finds this verdict.
+            grant: Grant | None = None
+            if scope is not Scope.ONCE:
+                grant = self._keeper.build(
+                    host=item.host,
+                    port=item.port,
+                    agent=item.agent,
+                    session=item.session,
+                    action=Action.ALLOW if outcome is Outcome.APPROVED else Action.DENY,
+                    scope=scope,
+                    grant_for=covers,
+                    approver=approver,
+                    note=note,
+                    session_ttl=session_ttl,
+                )
+            elif outcome is Outcome.APPROVED and waiting == 0:
+                # Nobody waits on any replica: the agent's next retry gets through, once.
+                grant = self._keeper.once_pass(item, covers, approver, note)
+            verdict = Verdict(
+                outcome,
+                item.id,
+                scope,
+                covers,
+                approver,
+                reviewer,
+                note,
+                grant.id if grant is not None and grant.scope is not Scope.ONCE else None,
+            )
+            decided.append((verdict, grant))
+            return Resolution(self._resolution_record(item, verdict, self._wait_ms(item)), grant)
+
         try:
-            item = await self._store.claim_pending(item_id)
+            claimed = await self._store.resolve_pending(item_id, self._clock(), write)
         except StoreError as exc:
             raise ApprovalError(ApprovalErrorCode.STORE_UNAVAILABLE, str(exc)) from exc
         self._pending.drop(item_id)
-        if item is None:
+        if claimed is None:
             raise ApprovalError(
                 ApprovalErrorCode.NOT_FOUND,
                 f"no pending item with id {item_id!r} (resolved or expired)",
             )
-        if item.expires_at <= self._clock():
-            raise ApprovalError(
-                ApprovalErrorCode.NOT_FOUND, f"pending item {item_id!r} has expired"
-            )
-
-        grant: Grant | None = None
-        if scope is not Scope.ONCE:
-            grant = self._keeper.build(
-                host=item.host,
-                port=item.port,
-                agent=item.agent,
-                session=item.session,
-                action=Action.ALLOW if outcome is Outcome.APPROVED else Action.DENY,
-                scope=scope,
-                grant_for=grant_for,
-                approver=approver,
-                note=note,
-                session_ttl=session_ttl,
-            )
-            await self._keeper.add(grant)
-        verdict = Verdict(
-            outcome,
-            item.id,
-            scope,
-            grant_for,
-            approver,
-            reviewer,
-            note,
-            grant.id if grant is not None else None,
-        )
-        wait_ms = int((self._clock() - item.first_seen) * 1000)
-        await self._store.record_approval(self._resolution_record(item, verdict, wait_ms))
-        if scope is Scope.ONCE and outcome is Outcome.APPROVED and self.waiting(item.id) == 0:
-            # Nobody waits here: the agent's next retry gets through, once.
-            await self._keeper.store_once(item, grant_for, approver, note)
+        item = claimed[0]
+        verdict, stored = decided[-1]
+        if stored is not None:
+            self._keeper.stored(stored)
+        grant = stored if stored is not None and stored.scope is not Scope.ONCE else None
+        wait_ms = self._wait_ms(item)
         released = self._waiters.release(item.id, verdict)
         self._fleet.publish(FleetMessage(MessageKind.ITEM_RESOLVED, item.id))
         self.reviewer.recent.add(
@@ -353,12 +393,11 @@ class ApprovalQueue:
         for other in await self._store.list_pending(self._clock()):
             if other.host != item.host or other.port != item.port:
                 continue
-            claimed = await self._store.claim_pending(other.id)
-            if claimed is None:
+            sibling = replace(verdict, pending_id=other.id)
+            writer = self._history_only(sibling)
+            if await self._store.resolve_pending(other.id, self._clock(), writer) is None:
                 continue
             self._pending.drop(other.id)
-            sibling = replace(verdict, pending_id=other.id)
-            await self._store.record_approval(self._resolution_record(claimed, verdict, None))
             released += self._waiters.release(other.id, sibling)
             self._fleet.publish(FleetMessage(MessageKind.ITEM_RESOLVED, other.id))
         return released
@@ -420,12 +459,10 @@ class ApprovalQueue:
             return
         record = await self._store.latest_approval(item_id)
         verdict = verdict_from_record(record) if record is not None else None
-        if verdict is None or self._waiters.release(item_id, verdict) == 0:
-            return
-        if verdict.scope is Scope.ONCE and verdict.outcome is Outcome.APPROVED:
-            # The approving replica left a one-shot pass (nobody waited there): the requests
-            # released here are that "once", so the pass is used up.
-            await self._keeper.use_up_once(item_id)
+        if verdict is not None:
+            # They were waiting when it was resolved, so they counted: a `once` approval
+            # left no pass (see `resolve`).
+            self._waiters.release(item_id, verdict)
 
     async def poll_grants(self) -> bool:
         """Re-read the grants when the store's signature moved; see `GrantKeeper.poll`."""
@@ -465,6 +502,13 @@ class ApprovalQueue:
             self._bus.publish("resolved", {**self.describe(item), "resolution": "expired"})
         return expired
 
+    def _history_only(self, verdict: Verdict) -> ResolutionWriter:
+        """A resolution that writes only its history row (no grant, no pass)."""
+        return lambda claimed, _waiting: Resolution(self._resolution_record(claimed, verdict, None))
+
+    def _wait_ms(self, item: PendingItem) -> int:
+        return int((self._clock() - item.first_seen) * 1000)
+
     def _record(self, item: PendingItem, state: str) -> ApprovalRecord:
         return ApprovalRecord(
             id=item.id,
@@ -494,6 +538,15 @@ class ApprovalQueue:
             wait_ms=wait_ms,
             grant_id=verdict.grant_id,
         )
+
+
+def _is_once_approval(verdict: Verdict) -> bool:
+    """A person's or reviewer's `once` approval (a policy change re-decides instead)."""
+    return (
+        verdict.outcome is Outcome.APPROVED
+        and verdict.scope is Scope.ONCE
+        and verdict.approver != POLICY_APPROVER
+    )
 
 
 def _new_id() -> str:

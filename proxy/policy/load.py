@@ -453,6 +453,9 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                     if "session_idle" in section_given
                     else approval.session_idle
                 ),
+                once_window=(
+                    section.once_window if "once_window" in section_given else approval.once_window
+                ),
                 max_pending=(
                     section.max_pending if "max_pending" in section_given else approval.max_pending
                 ),

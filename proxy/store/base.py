@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, PendingItem
@@ -22,6 +23,20 @@ CHANNELS: Final = (CHANNEL_PENDING, CHANNEL_RESOLVED, CHANNEL_GRANTS)
 RESYNC_PAYLOAD: Final = ""
 
 NotifyCallback = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What resolving a pending item writes in the same transaction as its claim: the history
+    row and, optionally, a grant (a `once` pass when nobody waits on the item anywhere)."""
+
+    record: ApprovalRecord
+    grant: Grant | None = None
+
+
+# Given the claimed item and how many requests were still waiting on it (on every replica),
+# what the resolution writes. Called inside the store's transaction: it must not await.
+ResolutionWriter = Callable[[PendingItem, int], Resolution]
 
 
 @runtime_checkable
@@ -57,6 +72,13 @@ class Store(Protocol):
         """Use up a (once) grant: delete it; True for exactly one of any concurrent callers."""
         ...
 
+    async def take_once_pass(self, pattern: str, agent: str | None, now: float) -> Grant | None:
+        """Use up one live `once` grant for exactly `pattern` that applies to `agent` (its own,
+        or one for every agent) and return it; None when there is none. One conditional
+        DELETE ... RETURNING per candidate: each pass goes to exactly one caller, whichever
+        worker or replica asks, whatever it has cached."""
+        ...
+
     async def grants_signature(self) -> tuple[int, float, str]:
         """A cheap fingerprint of the grants table: it changes whenever a grant is added,
         revoked or used up, so replicas poll it instead of re-reading every grant."""
@@ -76,6 +98,7 @@ class Store(Protocol):
 
         When a row for the key has expires_at > item.last_seen it is updated (last_seen =
         item.last_seen, count + 1, expires_at = the later of both) and returned with False.
+        Either way the caller counts as waiting on the item until it calls `leave_pending`.
         Otherwise `item` (whose id must be fresh) is stored, replacing an expired row for the
         key, and returned with True. Race-free across processes and replicas.
         """
@@ -83,6 +106,21 @@ class Store(Protocol):
 
     async def claim_pending(self, item_id: str) -> PendingItem | None:
         """Atomically delete and return a pending item; exactly one concurrent caller gets it."""
+        ...
+
+    async def resolve_pending(
+        self, item_id: str, now: float, write: ResolutionWriter
+    ) -> tuple[PendingItem, int] | None:
+        """Resolve a live pending item in one transaction: delete it (exactly one concurrent
+        caller wins), then store what `write(item, waiting)` returns. `waiting`: the requests
+        that joined it (`join_pending`) and have not left (`leave_pending`), on every replica.
+        Returns (item, waiting); None when no item with this id has expires_at > now."""
+        ...
+
+    async def leave_pending(self, item_id: str) -> bool:
+        """A request that joined the item stops waiting on it without a verdict. False when
+        the item is gone (resolved or purged) while the request still counted as waiting: a
+        resolution then covered it (see `latest_approval`)."""
         ...
 
     async def get_pending(self, item_id: str) -> PendingItem | None:

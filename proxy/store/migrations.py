@@ -151,6 +151,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE approvals ADD COLUMN review TEXT",
         ),
     ),
+    Migration(
+        version=5,
+        description="exact once in a fleet: requests waiting on a pending item, on any replica",
+        statements=(
+            "ALTER TABLE pending ADD COLUMN waiting INTEGER NOT NULL DEFAULT 0",
+            # per store instance (a replica or worker process), so the waiters of one that died
+            # stop counting at once (its database session or process is gone)
+            """CREATE TABLE pending_waiters (
+                item_id TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (item_id, owner)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION: int = MIGRATIONS[-1].version

@@ -23,7 +23,13 @@ import asyncpg.pool
 import structlog
 
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, PendingItem
-from proxy.store.base import CHANNELS, RESYNC_PAYLOAD, NotifyCallback, StoreError
+from proxy.store.base import (
+    CHANNELS,
+    RESYNC_PAYLOAD,
+    NotifyCallback,
+    ResolutionWriter,
+    StoreError,
+)
 from proxy.store.migrations import CURRENT_VERSION_SQL, SCHEMA_VERSION_DDL, pending_migrations
 from proxy.store.sqlite import (
     _APPROVAL_COLS,
@@ -34,10 +40,19 @@ from proxy.store.sqlite import (
     APPROVAL_LATEST_SQL,
     GRANT_UPSERT_SQL,
     GRANTS_SIGNATURE_SQL,
+    ONCE_PASSES_SQL,
+    ONCE_TAKE_SQL,
     PENDING_CLAIM_SQL,
     PENDING_JOIN_SQL,
+    PENDING_LEAVE_SQL,
     PENDING_REKEY_SQL,
+    PENDING_RESOLVE_SQL,
     PENDING_UPSERT_SQL,
+    WAITER_JOIN_SQL,
+    WAITER_LEAVE_SQL,
+    WAITERS_DROP_SQL,
+    WAITERS_OF_SQL,
+    WAITERS_ORPHANS_SQL,
     _approval_from,
     _approval_params,
     _decision_from,
@@ -48,6 +63,7 @@ from proxy.store.sqlite import (
     _pending_from,
     _pending_params,
     _rekey_params,
+    _storable,
 )
 
 CONNECT_TIMEOUT = 3.0  # per connection attempt (refused is immediate; this bounds black holes)
@@ -90,6 +106,17 @@ _PENDING_REKEY = _pg(PENDING_REKEY_SQL)
 _PENDING_UPSERT = _pg(PENDING_UPSERT_SQL)
 _PENDING_JOIN = _pg(PENDING_JOIN_SQL)
 _PENDING_CLAIM = _pg(PENDING_CLAIM_SQL)
+_PENDING_RESOLVE = _pg(PENDING_RESOLVE_SQL)
+_PENDING_LEAVE = _pg(PENDING_LEAVE_SQL)
+_ONCE_PASSES = _pg(ONCE_PASSES_SQL)
+_ONCE_TAKE = _pg(ONCE_TAKE_SQL)
+_WAITER_JOIN = _pg(WAITER_JOIN_SQL)
+_WAITER_LEAVE = _pg(WAITER_LEAVE_SQL)
+_WAITERS_OF = _pg(WAITERS_OF_SQL)
+_WAITERS_DROP = _pg(WAITERS_DROP_SQL)
+# Owners are listener sessions' backend pids: a replica that died has none any more.
+_LIVE_OWNERS = "SELECT pid::text FROM pg_stat_activity WHERE pid::text = ANY($1::text[])"
+_REKEY_OWNER = "UPDATE pending_waiters SET owner = $1 WHERE owner = $2"
 _APPROVAL_INSERT = _pg(APPROVAL_INSERT_SQL)
 _APPROVAL_LATEST = _pg(APPROVAL_LATEST_SQL)
 _DECISION_INSERT = _pg(
@@ -152,6 +179,9 @@ def _deleted(status: str) -> int:
         return 0
 
 
+_updated = _deleted  # 'UPDATE n' ends with the count the same way
+
+
 class PostgresStore:
     """`Store` on a PostgreSQL database shared by replicas; every call commits before returning."""
 
@@ -166,6 +196,9 @@ class PostgresStore:
         self._listener_lost = asyncio.Event()
         self._listening = False
         self._listen_task: asyncio.Task[None] | None = None
+        # Whose waiters this instance counts: its listener session's backend pid (see
+        # `resolve_pending`); "" until the listener is up.
+        self.owner = ""
 
     @classmethod
     async def open(cls, dsn: str) -> PostgresStore:
@@ -192,7 +225,12 @@ class PostgresStore:
         except _DB_ERRORS as exc:
             await _close_pool(pool)
             raise _connect_error(exc, dsn) from exc
-        store._adopt_listener(listener)
+        try:
+            await store._adopt_listener(listener)
+        except _DB_ERRORS as exc:
+            listener.terminate()
+            await _close_pool(pool)
+            raise _connect_error(exc, dsn) from exc
         store._listen_task = asyncio.create_task(store._listen_forever(), name="store-listener")
         return store
 
@@ -283,6 +321,18 @@ class PostgresStore:
         """Use up a grant: the row lock makes exactly one concurrent DELETE see it."""
         return await self.delete_grant(grant_id)
 
+    async def take_once_pass(self, pattern: str, agent: str | None, now: float) -> Grant | None:
+        """Use up one live `once` grant for `pattern` that applies to `agent` (see Store).
+
+        Under READ COMMITTED a DELETE that waited on another's row lock re-checks the row
+        after that commits, so of concurrent takers exactly one gets each pass."""
+        candidates = await self._fetch(_ONCE_PASSES, *_storable((pattern, agent, now)))
+        for (grant_id,) in candidates:
+            row = await self._fetchrow(_ONCE_TAKE, grant_id)
+            if row is not None:
+                return _grant_from(row)
+        return None
+
     async def grants_signature(self) -> tuple[int, float, str]:
         row = await self._fetchrow(GRANTS_SIGNATURE_SQL)
         assert row is not None  # an aggregate always answers one row
@@ -298,16 +348,49 @@ class PostgresStore:
 
     async def join_pending(self, item: PendingItem) -> tuple[PendingItem, bool]:
         """Join the live item for item's (agent, host, port) or store `item`; True if created."""
-        row = await self._fetchrow(_PENDING_JOIN, *_pending_params(item))
-        if row is None:  # RETURNING always yields the inserted or updated row
-            raise StoreError(f"PostgreSQL at {self.where}: join_pending returned no row")
-        got = _pending_from(row)
+        async with self._tx() as conn:
+            record = await conn.fetchrow(_PENDING_JOIN, *_pending_params(item))
+            if record is None:  # RETURNING always yields the inserted or updated row
+                raise StoreError(f"PostgreSQL at {self.where}: join_pending returned no row")
+            got = _pending_from(_row(record))
+            await conn.execute(_WAITER_JOIN, got.id, self.owner)
         return got, got.id == item.id
 
     async def claim_pending(self, item_id: str) -> PendingItem | None:
         """Delete and return a pending item; None when another caller claimed it first."""
         row = await self._fetchrow(_PENDING_CLAIM, item_id)
         return None if row is None else _pending_from(row)
+
+    async def resolve_pending(
+        self, item_id: str, now: float, write: ResolutionWriter
+    ) -> tuple[PendingItem, int] | None:
+        """Claim a live item and store its resolution in one transaction (see Store)."""
+        async with self._tx() as conn:
+            record = await conn.fetchrow(_PENDING_RESOLVE, item_id, now)
+            if record is None:
+                return None
+            item = _pending_from(_row(record))
+            counts = [(str(r[0]), int(r[1])) for r in await conn.fetch(_WAITERS_OF, item_id)]
+            await conn.execute(_WAITERS_DROP, item_id)
+            live: set[str] = set()
+            if counts:
+                owners = [owner for owner, _ in counts]
+                live = {str(r[0]) for r in await conn.fetch(_LIVE_OWNERS, owners)}
+            waiting = sum(n for owner, n in counts if owner in live)
+            resolution = write(item, waiting)
+            await conn.execute(_APPROVAL_INSERT, *_approval_params(resolution.record))
+            if resolution.grant is not None:
+                await conn.execute(_GRANT_UPSERT, *_grant_params(resolution.grant))
+        return item, waiting
+
+    async def leave_pending(self, item_id: str) -> bool:
+        """A joined request stops waiting; False when the item was resolved or purged."""
+        async with self._tx() as conn:
+            # The pending row's lock orders this with a resolution's DELETE.
+            still_pending = _updated(await conn.execute(_PENDING_LEAVE, item_id)) > 0
+            if still_pending:
+                await conn.execute(_WAITER_LEAVE, item_id, self.owner)
+        return still_pending
 
     async def get_pending(self, item_id: str) -> PendingItem | None:
         """The pending item with this id (expired or not), or None."""
@@ -331,9 +414,14 @@ class PostgresStore:
 
         One DELETE ... RETURNING: replicas purging at once each get a disjoint share.
         """
-        rows = await self._fetch(
-            f"DELETE FROM pending WHERE expires_at <= $1 RETURNING {_PENDING_COLS}", now
-        )
+        async with self._tx() as conn:
+            rows = [
+                _row(r)
+                for r in await conn.fetch(
+                    f"DELETE FROM pending WHERE expires_at <= $1 RETURNING {_PENDING_COLS}", now
+                )
+            ]
+            await conn.execute(WAITERS_ORPHANS_SQL)
         items = [_pending_from(r) for r in rows]
         items.sort(key=lambda p: (p.first_seen, p.id))
         return items
@@ -457,8 +545,14 @@ class PostgresStore:
             raise
         return conn
 
-    def _adopt_listener(self, conn: asyncpg.Connection[Any]) -> None:
-        """Make `conn` the listener; its termination callback flags the loss at once."""
+    async def _adopt_listener(self, conn: asyncpg.Connection[Any]) -> None:
+        """Make `conn` the listener; its termination callback flags the loss at once. Its
+        session names this instance's waiters: those counted under the previous session are
+        moved over (they still wait)."""
+        owner = str(await conn.fetchval("SELECT pg_backend_pid()"))
+        if self.owner and self.owner != owner:
+            await conn.execute(_REKEY_OWNER, owner, self.owner)
+        self.owner = owner
         lost = asyncio.Event()
 
         def on_terminated(_conn: object, /) -> None:
@@ -488,7 +582,15 @@ class PostgresStore:
                     delay = min(delay * 2, LISTEN_BACKOFF_MAX)
                     continue
                 delay = LISTEN_BACKOFF_MIN
-                self._adopt_listener(conn)
+                try:
+                    await self._adopt_listener(conn)
+                except _DB_ERRORS as exc:
+                    conn.terminate()
+                    _log.warning(
+                        "store listener cannot reconnect", where=self.where, error=str(exc)
+                    )
+                    await asyncio.sleep(delay)
+                    continue
                 _log.info("store listener reconnected", where=self.where)
                 for channel in CHANNELS:
                     self._dispatch(channel, RESYNC_PAYLOAD)

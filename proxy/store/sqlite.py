@@ -22,7 +22,7 @@ from proxy.policy.model import Action, Scope
 from proxy.records import ApprovalRecord, DecisionRecord, Grant, GrantFor, PendingItem
 from proxy.render import FIELD_LIMIT, storable_text
 from proxy.statedir import create_private_file, make_private_dir, tighten_private_file
-from proxy.store.base import NotifyCallback, StoreError
+from proxy.store.base import NotifyCallback, ResolutionWriter, StoreError
 from proxy.store.migrations import (
     CURRENT_VERSION_SQL,
     SCHEMA_VERSION_DDL,
@@ -152,9 +152,12 @@ def _pending_join_sql() -> str:
             "THEN pending.expires_at ELSE excluded.expires_at END",
         ]
     )
+    # The joining request counts as waiting (a new row: 1; an expired row replaced: 1).
+    waiting = f"waiting = CASE WHEN {live} THEN pending.waiting + 1 ELSE 1 END"
     return (
-        f"INSERT INTO pending ({_PENDING_WRITE_COLS}) VALUES ({_marks(_PENDING_WRITE_COLS)}) "
-        f"ON CONFLICT (agent_key, host, port) DO UPDATE SET {updates} "
+        f"INSERT INTO pending ({_PENDING_WRITE_COLS}, waiting) "
+        f"VALUES ({_marks(_PENDING_WRITE_COLS)}, 1) "
+        f"ON CONFLICT (agent_key, host, port) DO UPDATE SET {updates}, {waiting} "
         f"RETURNING {_PENDING_COLS}"
     )
 
@@ -168,6 +171,39 @@ GRANT_UPSERT_SQL = _upsert_sql("grants", _GRANT_COLS)
 PENDING_UPSERT_SQL = _pending_upsert_sql()
 PENDING_JOIN_SQL = _pending_join_sql()
 PENDING_CLAIM_SQL = f"DELETE FROM pending WHERE id = ? RETURNING {_PENDING_COLS}"
+# Resolving: only a live item, and how many requests still wait on it (the last column).
+PENDING_RESOLVE_SQL = (
+    f"DELETE FROM pending WHERE id = ? AND expires_at > ? RETURNING {_PENDING_COLS}, waiting"
+)
+# A request stops waiting: one row updated while the item is still pending, none once claimed
+# (the row lock orders it with a concurrent resolution).
+PENDING_LEAVE_SQL = (
+    "UPDATE pending SET waiting = CASE WHEN waiting > 0 THEN waiting - 1 ELSE 0 END WHERE id = ?"
+)
+# Who waits on an item: a count per store instance (`owner`), so the waiters of an instance that
+# died can be left out (see `Store.resolve_pending`).
+WAITER_JOIN_SQL = (
+    "INSERT INTO pending_waiters (item_id, owner, count) VALUES (?, ?, 1) "
+    "ON CONFLICT (item_id, owner) DO UPDATE SET count = pending_waiters.count + 1"
+)
+WAITER_LEAVE_SQL = (
+    "UPDATE pending_waiters SET count = count - 1 WHERE item_id = ? AND owner = ? AND count > 0"
+)
+WAITERS_OF_SQL = "SELECT owner, count FROM pending_waiters WHERE item_id = ? AND count > 0"
+WAITERS_DROP_SQL = "DELETE FROM pending_waiters WHERE item_id = ?"
+# Counts left by items that are gone (an expired item replaced by a join, a purge).
+WAITERS_ORPHANS_SQL = (
+    "DELETE FROM pending_waiters WHERE NOT EXISTS "
+    "(SELECT 1 FROM pending WHERE pending.id = pending_waiters.item_id)"
+)
+# Live once passes for a pattern that apply to an agent (its own first, then everyone's).
+ONCE_PASSES_SQL = (
+    "SELECT id FROM grants WHERE scope = 'once' AND pattern = ? "
+    "AND (agent IS NULL OR agent = ?) AND (expires_at IS NULL OR expires_at > ?) "
+    "ORDER BY agent IS NULL, created_at, id"
+)
+# The conditional delete that hands one pass to exactly one caller.
+ONCE_TAKE_SQL = f"DELETE FROM grants WHERE id = ? AND scope = 'once' RETURNING {_GRANT_COLS}"
 APPROVAL_INSERT_SQL = f"INSERT INTO approvals ({_APPROVAL_COLS}) VALUES ({_marks(_APPROVAL_COLS)})"
 APPROVAL_LATEST_SQL = (
     f"SELECT {_APPROVAL_COLS} FROM approvals WHERE id = ? ORDER BY seq DESC LIMIT 1"
@@ -351,6 +387,17 @@ def _decision_from(r: Row) -> DecisionRecord:
     )
 
 
+def _process_alive(owner: str) -> bool:
+    """Whether the process a SQLite store instance's `owner` names still runs (same host)."""
+    try:
+        os.kill(int(owner), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True  # another user's process, or an owner this version does not read: count it
+    return True
+
+
 def _reason(exc: BaseException) -> str:
     """A short lower-case reason for an OS or SQLite error."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -400,6 +447,8 @@ class SqliteStore:
         # Kept only so subscribe() is well-defined: one SQLite file has no fleet to hear from
         # (worker processes on one host re-read the shared file instead).
         self._subscribers: list[NotifyCallback] = []
+        # Processes sharing the file are told apart by pid: a dead one's waiters stop counting.
+        self.owner = str(os.getpid())
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -521,6 +570,16 @@ class SqliteStore:
         """Use up a grant: True for exactly one caller (the write lock serialises processes)."""
         return await self._delete_by_id("grants", grant_id)
 
+    async def take_once_pass(self, pattern: str, agent: str | None, now: float) -> Grant | None:
+        """Use up one live `once` grant for `pattern` that applies to `agent` (see Store)."""
+        candidates = await self._fetchall(ONCE_PASSES_SQL, _storable((pattern, agent, now)))
+        for (grant_id,) in candidates:
+            async with self._write() as conn, conn.execute(ONCE_TAKE_SQL, (grant_id,)) as cur:
+                row = await cur.fetchone()
+            if row is not None:
+                return _grant_from(row)
+        return None
+
     async def grants_signature(self) -> tuple[int, float, str]:
         rows = await self._fetchall(GRANTS_SIGNATURE_SQL)
         count, created, ids = rows[0]
@@ -536,14 +595,13 @@ class SqliteStore:
 
     async def join_pending(self, item: PendingItem) -> tuple[PendingItem, bool]:
         """Join the live item for item's (agent, host, port) or store `item`; True if created."""
-        async with (
-            self._write() as conn,
-            conn.execute(PENDING_JOIN_SQL, _pending_params(item)) as cur,
-        ):
-            row = await cur.fetchone()
-        if row is None:  # RETURNING always yields the inserted or updated row
-            raise StoreError(f"state database {self.path}: join_pending returned no row")
-        got = _pending_from(row)
+        async with self._write() as conn:
+            async with conn.execute(PENDING_JOIN_SQL, _pending_params(item)) as cur:
+                row = await cur.fetchone()
+            if row is None:  # RETURNING always yields the inserted or updated row
+                raise StoreError(f"state database {self.path}: join_pending returned no row")
+            got = _pending_from(row)
+            await conn.execute(WAITER_JOIN_SQL, (got.id, self.owner))
         return got, got.id == item.id
 
     async def claim_pending(self, item_id: str) -> PendingItem | None:
@@ -554,6 +612,35 @@ class SqliteStore:
         ):
             row = await cur.fetchone()
         return None if row is None else _pending_from(row)
+
+    async def resolve_pending(
+        self, item_id: str, now: float, write: ResolutionWriter
+    ) -> tuple[PendingItem, int] | None:
+        """Claim a live item and store its resolution in one transaction (see Store)."""
+        async with self._write() as conn:
+            async with conn.execute(PENDING_RESOLVE_SQL, (item_id, now)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            item = _pending_from(row)
+            async with conn.execute(WAITERS_OF_SQL, (item_id,)) as cur:
+                counts = [(str(owner), int(n)) for owner, n in await cur.fetchall()]
+            await conn.execute(WAITERS_DROP_SQL, (item_id,))
+            waiting = sum(n for owner, n in counts if _process_alive(owner))
+            resolution = write(item, waiting)
+            await conn.execute(APPROVAL_INSERT_SQL, _approval_params(resolution.record))
+            if resolution.grant is not None:
+                await conn.execute(GRANT_UPSERT_SQL, _grant_params(resolution.grant))
+        return item, waiting
+
+    async def leave_pending(self, item_id: str) -> bool:
+        """A joined request stops waiting; False when the item was resolved or purged."""
+        async with self._write() as conn:
+            async with conn.execute(PENDING_LEAVE_SQL, (item_id,)) as cur:
+                still_pending = cur.rowcount > 0
+            if still_pending:
+                await conn.execute(WAITER_LEAVE_SQL, (item_id, self.owner))
+        return still_pending
 
     async def get_pending(self, item_id: str) -> PendingItem | None:
         """The pending item with this id (expired or not), or None."""
@@ -583,6 +670,7 @@ class SqliteStore:
                 rows = list(await cur.fetchall())
             if rows:
                 await conn.executemany("DELETE FROM pending WHERE id = ?", [(r[0],) for r in rows])
+            await conn.execute(WAITERS_ORPHANS_SQL)
         return [_pending_from(r) for r in rows]
 
     # --- approval history ---------------------------------------------------------------------

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from proxy.policy.model import Action, Scope
-from proxy.records import ApprovalRecord, GrantFor
+from proxy.records import ApprovalRecord, GrantFor, PendingItem
 from proxy.store import Store, StoreError
+from proxy.store.base import Resolution, ResolutionWriter
 from proxy.store.postgres import PostgresStore
 from proxy.store.sqlite import SqliteStore
 from tests.support.postgres import PostgresServer, start_postgres
@@ -262,6 +263,144 @@ async def test_claim_pending_has_one_winner(pair: tuple[Store, Store]) -> None:
     assert await b.get_pending("p1") is None
     assert await a.claim_pending("p1") is None
     assert await a.claim_pending("never") is None
+
+
+# --- resolving: waiting requests, the claim and its writes in one transaction ----------------
+
+
+def _resolution(state: str = "approved", once: bool = False) -> ResolutionWriter:
+    """A writer recording `state`, plus a once pass for the item when nobody waits."""
+
+    def write(item: PendingItem, waiting: int) -> Resolution:
+        record = approval(state, NOW + 5, id=item.id, host=item.host, agent=item.agent)
+        if once and waiting == 0:
+            return Resolution(record, grant(f"once-{item.id}", scope=Scope.ONCE))
+        return Resolution(record)
+
+    return write
+
+
+async def test_resolve_counts_the_requests_still_waiting(store: Store) -> None:
+    for i in range(3):  # three requests join one item
+        await store.join_pending(pending(f"j{i}", count=1, last_seen=NOW + i))
+    assert await store.leave_pending("j0") is True  # one stops waiting (timed out, still pending)
+    got = await store.resolve_pending("j0", NOW, _resolution())
+    assert got is not None and got[0].id == "j0" and got[1] == 2
+    latest = await store.latest_approval("j0")
+    assert latest is not None and latest.state == "approved"
+    # the two still counted find the item gone: the resolution covered them
+    assert await store.leave_pending("j0") is False
+
+
+async def test_resolve_stores_the_pass_only_when_nobody_waits(store: Store) -> None:
+    await store.join_pending(pending("busy", count=1))
+    await store.join_pending(pending("idle", count=1, host="idle.test"))
+    assert await store.leave_pending("idle") is True
+    await store.resolve_pending("busy", NOW, _resolution(once=True))
+    await store.resolve_pending("idle", NOW, _resolution(once=True))
+    assert [g.id for g in await store.list_grants(now=NOW)] == ["once-idle"]
+
+
+async def test_resolve_skips_expired_and_unknown_items(store: Store) -> None:
+    await store.join_pending(pending("old", count=1, last_seen=NOW, expires_at=NOW + 10))
+    assert await store.resolve_pending("old", NOW + 10, _resolution()) is None
+    assert await store.resolve_pending("never", NOW, _resolution()) is None
+    assert await store.latest_approval("old") is None  # nothing written
+    assert [p.id for p in await store.purge_expired_pending(NOW + 10)] == ["old"]
+
+
+async def test_resolve_rolls_back_when_the_writer_fails(store: Store) -> None:
+    await store.join_pending(pending("p1", count=1))
+
+    def broken(item: PendingItem, waiting: int) -> Resolution:
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError):
+        await store.resolve_pending("p1", NOW, broken)
+    assert await store.get_pending("p1") is not None  # still pending
+    assert await store.resolve_pending("p1", NOW, _resolution()) is not None
+
+
+async def test_resolve_has_one_winner(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    await a.join_pending(pending("p1", count=1))
+    results = await asyncio.gather(
+        *(
+            s.resolve_pending("p1", NOW, _resolution(state))
+            for s in (a, b)
+            for state in ("approved", "denied") * 5
+        )
+    )
+    assert len([r for r in results if r is not None]) == 1
+    assert len([r for r in await a.list_approvals() if r.id == "p1"]) == 1
+
+
+async def test_leaving_races_resolving_exactly(pair: tuple[Store, Store]) -> None:
+    """A request leaving while the item is resolved either left first (not counted) or is
+    told the item is gone (counted): never both, never neither."""
+    a, b = pair
+    for round_ in range(10):
+        item_id = f"r{round_}"
+        await a.join_pending(pending(item_id, host=f"h{round_}.test", count=1))
+        left, resolved = await asyncio.gather(
+            a.leave_pending(item_id), b.resolve_pending(item_id, NOW, _resolution())
+        )
+        assert resolved is not None
+        assert resolved[1] == (0 if left else 1)
+
+
+async def test_waiters_of_an_instance_that_died_do_not_count(pair: tuple[Store, Store]) -> None:
+    """A replica or worker killed while requests waited there: they wait no more, so a `once`
+    approval of their item leaves a pass for the retry."""
+    a, b = pair
+    await b.join_pending(pending("p1", count=1))
+    live_owner = b.owner  # type: ignore[attr-defined]
+    b.owner = "2147483646"  # type: ignore[attr-defined]  # no such process or database session
+    await b.join_pending(pending("p2", count=1))
+    await b.join_pending(pending("p1-again", count=1))
+    b.owner = live_owner  # type: ignore[attr-defined]
+    got = await a.resolve_pending("p1", NOW, _resolution(once=True))
+    assert got is not None and got[1] == 1  # the live instance's one request
+    await b.join_pending(pending("p3", count=1, host="dead.test"))
+    b.owner = "2147483646"  # type: ignore[attr-defined]
+    await b.join_pending(pending("p4", count=1, host="dead.test"))  # joins p3, then "dies"
+    b.owner = live_owner  # type: ignore[attr-defined]
+    assert await b.leave_pending("p3") is True  # the live one stops waiting
+    got = await a.resolve_pending("p3", NOW, _resolution(once=True))
+    assert got is not None and got[1] == 0
+    assert [g.id for g in await a.list_grants(now=NOW)] == ["once-p3"]
+
+
+# --- once passes ---------------------------------------------------------------------------------
+
+PATTERN = "pass.test:80"
+
+
+async def test_a_once_pass_goes_to_exactly_one_taker(pair: tuple[Store, Store]) -> None:
+    a, b = pair
+    for round_ in range(5):  # several rounds: races are probabilistic
+        await a.add_grant(grant(f"once-{round_}", pattern=PATTERN, scope=Scope.ONCE))
+        taken = await asyncio.gather(
+            *(s.take_once_pass(PATTERN, "claude", NOW) for s in (a, b) * 8)
+        )
+        winners = [g for g in taken if g is not None]
+        assert [g.id for g in winners] == [f"once-{round_}"]
+    assert await a.take_once_pass(PATTERN, "claude", NOW) is None
+
+
+async def test_a_once_pass_applies_to_its_agent_only(store: Store) -> None:
+    await store.add_grant(grant("mine", pattern=PATTERN, scope=Scope.ONCE, agent="claude"))
+    await store.add_grant(grant("all", pattern=PATTERN, scope=Scope.ONCE, agent=None))
+    await store.add_grant(grant("late", pattern=PATTERN, scope=Scope.ONCE, expires_at=NOW))
+    await store.add_grant(grant("always", pattern=PATTERN, scope=Scope.ALWAYS))
+    assert await store.take_once_pass("other.test:80", "claude", NOW) is None
+    taken = await store.take_once_pass(PATTERN, None, NOW)  # anonymous: everyone's pass only
+    assert taken is not None and taken.id == "all"
+    assert await store.take_once_pass(PATTERN, "codex", NOW) is None
+    taken = await store.take_once_pass(PATTERN, "claude", NOW)
+    assert taken is not None and taken.id == "mine" and taken.scope is Scope.ONCE
+    assert await store.take_once_pass(PATTERN, "claude", NOW) is None  # expired, or always
+    assert {g.id for g in await store.list_grants(now=NOW - 1)} == {"late", "always"}
 
 
 # --- approval history ----------------------------------------------------------------------------
