@@ -242,7 +242,8 @@ def test_client_half_close_right_after_its_data_still_gets_the_answer(
     relay_proxy: ProxyProcess, upstream: Upstream
 ) -> None:
     """The client writes and shuts its side at once: the upstream sees the FIN only after the
-    bytes, and its whole answer comes back (mitmproxy's TCP layer lost it: reset upstream)."""
+    bytes, and its whole answer comes back (through mitmproxy, inside CONNECT, its HTTP layer
+    made the half-close a full close: the answer met a reset)."""
     before = len(_closes(relay_proxy))
     payload = b"ECHO\n" + _BLOCK[:300_000]
     with open_tunnel(relay_proxy.proxy_port, _target(upstream)) as sock:
