@@ -73,8 +73,12 @@ class GracefulCloseTransport(asyncio.Transport):
         if self._inner.is_closing():
             return  # the client went away first
         if self._client_sending() and self._inner.can_write_eof():
+            try:
+                self._inner.write_eof()
+            except OSError:  # the client reset the connection meanwhile: nothing to linger for
+                self._inner.close()
+                return
             self.lingering = True
-            self._inner.write_eof()
             self._inner.resume_reading()
             self._deadline = self._loop.call_later(LINGER_SECONDS, self.finish)
         else:
