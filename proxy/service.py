@@ -28,6 +28,7 @@ import uvicorn
 from proxy.admins import control_verifier
 from proxy.agents import AgentRegistry, AgentsFileError
 from proxy.approvals import ApprovalQueue
+from proxy.approvals.notify import Notifier
 from proxy.audit import AuditSink, AuditWriter
 from proxy.auth import Authenticator, check_identity_config
 from proxy.config import Endpoint, RunConfig
@@ -118,6 +119,14 @@ def raise_open_file_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def console_address(sock: socket.socket) -> str:
+    """The admin console's URL at the control listener (a wildcard listener: its loopback
+    address, which the control API's Host check accepts, unlike a guessed name)."""
+    host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{Endpoint(host, port)}/"
 
 
 def loop_marker(token: str) -> str:
@@ -246,6 +255,7 @@ class Service:
         self._draining = False
         self._closers: list[Callable[[], object]] = []
         self.store: Store | None = None
+        self.notifier: Notifier | None = None
         self.otel: OtelSink | None = None
         self.control: _ControlServer | None = None
         self._control_task: asyncio.Task[None] | None = None
@@ -297,7 +307,14 @@ class Service:
             sinks.append(self.otel)
         self.telemetry = Telemetry(sinks)
         self.grants = GrantIndex()
-        self.approvals = ApprovalQueue(self.store, self.grants, self.telemetry, self.bus)
+        # Webhooks read the targets in force on every event (a reload changes them); console
+        # links default to the control listener's own address.
+        self.notifier = Notifier(
+            lambda: self.gate.snapshot.policy.approval, console_address(self.control_sock)
+        )
+        self.approvals = ApprovalQueue(
+            self.store, self.grants, self.telemetry, self.bus, notifier=self.notifier
+        )
         guard = NetGuard([], local_addresses())
         self.gate = Gate(
             Snapshot(policy, auth, guard),
@@ -456,6 +473,8 @@ class Service:
         if self._control_task is not None:
             await asyncio.wait([self._control_task], timeout=5)
         await self.audit.stop()
+        if self.notifier is not None:
+            await self.notifier.close(grace=2.0)
         if self.store is not None:
             with contextlib.suppress(StoreError):
                 await self.store.close()

@@ -30,6 +30,7 @@ from proxy.approvals.model import (
     Verdict,
     verdict_from_record,
 )
+from proxy.approvals.notify import ItemResolution, Notifier
 from proxy.approvals.pending import PendingIndex
 from proxy.approvals.present import describe
 from proxy.approvals.reviewing import ReviewTier
@@ -58,8 +59,10 @@ class ApprovalQueue:
         telemetry: Telemetry,
         bus: EventBus,
         clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self._store = store
+        self._notifier = notifier  # `approval.notify` webhooks (this replica's items only)
         self._grants = grants  # the enforced index (GrantKeeper writes it)
         self._telemetry = telemetry
         self._bus = bus
@@ -237,6 +240,8 @@ class ApprovalQueue:
                     signals=review.signal_names if review is not None else (),
                 )
             )
+            if self._notifier is not None:
+                self._notifier.held(item)  # only the replica that created it tells
         self._bus.publish("pending", self.describe(item))
         return item
 
@@ -327,6 +332,8 @@ class ApprovalQueue:
         self.reviewer.recent.add(
             item.agent, RecentDecision(item.host, item.port, outcome.value, reviewer, time.time())
         )
+        if self._notifier is not None:
+            self._notifier.resolved(item, ItemResolution.of(verdict, released))
         if grant_for is GrantFor.ALL:
             # The same destination pending for other agents is covered by this verdict too.
             released += await self._resolve_siblings(item, verdict)
@@ -395,10 +402,14 @@ class ApprovalQueue:
                 continue
             sibling = replace(verdict, pending_id=other.id)
             writer = self._history_only(sibling)
-            if await self._store.resolve_pending(other.id, self._clock(), writer) is None:
+            claimed = await self._store.resolve_pending(other.id, self._clock(), writer)
+            if claimed is None:
                 continue
             self._pending.drop(other.id)
-            released += self._waiters.release(other.id, sibling)
+            here = self._waiters.release(other.id, sibling)
+            released += here
+            if self._notifier is not None:
+                self._notifier.resolved(claimed[0], ItemResolution.of(sibling, here))
             self._fleet.publish(FleetMessage(MessageKind.ITEM_RESOLVED, other.id))
         return released
 
@@ -499,6 +510,8 @@ class ApprovalQueue:
                     wait_ms=int((now - item.first_seen) * 1000),
                 )
             )
+            if self._notifier is not None:
+                self._notifier.resolved(item, ItemResolution.expired())
             self._bus.publish("resolved", {**self.describe(item), "resolution": "expired"})
         return expired
 

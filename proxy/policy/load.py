@@ -466,6 +466,10 @@ def merge(docs: Sequence[PolicyDocument]) -> EffectivePolicy:
                 ),
                 review=tuple(section.review) if "review" in section_given else approval.review,
                 auto=section.auto if "auto" in section_given else approval.auto,
+                notify=tuple(section.notify) if "notify" in section_given else approval.notify,
+                console_url=(
+                    section.console_url if "console_url" in section_given else approval.console_url
+                ),
             )
         for agent, rules in doc.agents.items():
             if rules.default is not None or agent not in agent_defaults:

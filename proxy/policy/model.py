@@ -95,6 +95,9 @@ class ApprovalSettings:
     # auto-review before humans (proxy/review): the reviewers in order, and what they may grant
     review: tuple[ReviewerSection, ...] = ()
     auto: AutoApproveSection = field(default_factory=lambda: AutoApproveSection())
+    # webhooks told when an item is held or resolved (proxy/approvals/notify.py)
+    notify: tuple[NotifyTargetSection, ...] = ()
+    console_url: str | None = None  # the console's address as approvers reach it (for links)
 
 
 @dataclass(frozen=True)
@@ -349,6 +352,55 @@ class AutoApproveSection(_Section):
     grant_for: Literal["agent", "all"] = Field(default="agent", alias="for")
 
 
+NotifyOn = Literal["held", "resolved"]
+NOTIFY_EVENTS: tuple[NotifyOn, ...] = ("held", "resolved")
+_ENV_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _webhook_url(value: object) -> object:
+    """An http(s) URL, or `env:NAME` naming the variable that holds one (a Slack webhook's
+    URL is its secret)."""
+    if isinstance(value, str) and not _ENV_REF.fullmatch(value):
+        scheme, sep, rest = value.partition("://")
+        host = rest.split("/", 1)[0]
+        visible = value.isprintable() and not any(c.isspace() for c in value)
+        if not sep or scheme.lower() not in ("http", "https") or not host or not visible:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL (or env:VARIABLE)")
+    return value
+
+
+def _env_ref(value: object) -> object:
+    if isinstance(value, str) and not _ENV_REF.fullmatch(value):
+        raise ValueError(
+            "a header value is read from the proxy's environment, never written in the policy: "
+            "write env:VARIABLE"
+        )
+    return value
+
+
+def _header_name(value: object) -> object:
+    if isinstance(value, str) and not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+class NotifyTargetSection(_Section):
+    """A webhook told when a pending item is held or resolved (docs/notifications.md)."""
+
+    url: Annotated[StrictStr, BeforeValidator(_webhook_url), Field(max_length=2000)]
+    format: Literal["json", "slack"] = "json"
+    events: list[NotifyOn] = Field(default_factory=lambda: list(NOTIFY_EVENTS), min_length=1)
+    headers: dict[
+        Annotated[StrictStr, BeforeValidator(_header_name)],
+        Annotated[StrictStr, BeforeValidator(_env_ref)],
+    ] = Field(default_factory=dict)
+    timeout: Duration = 5.0  # per attempt
+    attempts: Annotated[StrictInt, Field(ge=1, le=20)] = 5
+    backoff: Duration = 1.0  # the first retry's delay; doubled for each next one, jittered
+    queue: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000  # beyond it: dropped, counted
+
+
 class ApprovalSection(_Section):
     wait: Duration = 30.0
     pending_ttl: Duration = 3600.0
@@ -359,6 +411,10 @@ class ApprovalSection(_Section):
     scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)
     review: list[ReviewerSection] = Field(default_factory=list)
     auto: AutoApproveSection = Field(default_factory=AutoApproveSection)
+    notify: list[NotifyTargetSection] = Field(default_factory=list)
+    console_url: (
+        Annotated[StrictStr, BeforeValidator(_webhook_url), Field(max_length=500)] | None
+    ) = None
 
 
 class InspectSection(_Section):
