@@ -51,13 +51,10 @@ class Store(Protocol):
         """True when the store answers a trivial query right now; never raises."""
         ...
 
-    # grants (scope=always grants, and scope=once grants used as one-shot passes shared by
-    # replicas; the caller keeps session grants in memory)
+    # grants (every scope; scope=once grants are one-shot passes shared by replicas)
     async def add_grant(self, grant: Grant) -> None:
-        """Persist an `always` or `once` grant (replacing one with the same id).
-
-        Raises ValueError for a `session` grant.
-        """
+        """Persist a grant of any scope (replacing one with the same id): the store is what
+        every worker and replica enforces, `once` passes and session grants included."""
         ...
 
     async def list_grants(self, now: float | None = None) -> list[Grant]:
