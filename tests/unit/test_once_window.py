@@ -50,6 +50,12 @@ def _item(agent: str | None = "alice") -> PendingItem:
     )
 
 
+async def _store_pass(grants: GrantKeeper) -> None:
+    """What a `once` approval nobody waited for leaves in the store."""
+    store = grants._store  # the keeper's own store: the pass is taken from there
+    await store.add_grant(grants.once_pass(_item(), GrantFor.AGENT, "bob", "ok"))
+
+
 def _approved() -> Verdict:
     return Verdict(Outcome.APPROVED, "p1", Scope.ONCE, GrantFor.AGENT, "bob", "human", "")
 
@@ -58,7 +64,7 @@ async def test_a_pass_admits_one_request_when_there_is_no_window(
     keeper: tuple[GrantKeeper, Clock],
 ) -> None:
     grants, _ = keeper
-    await grants._store.add_grant(grants.once_pass(_item(), GrantFor.AGENT, "bob", "ok"))
+    await _store_pass(grants)
     assert await grants.take_once("mallory", HOST, PORT, 0.0) is None  # someone else's pass
     taken = await grants.take_once("alice", HOST, PORT, 0.0)
     assert taken is not None and taken.pending_id == "p1" and taken.approver == "bob"
@@ -69,7 +75,7 @@ async def test_a_used_pass_opens_a_window_for_the_same_agent_and_destination(
     keeper: tuple[GrantKeeper, Clock],
 ) -> None:
     grants, clock = keeper
-    await grants._store.add_grant(grants.once_pass(_item(), GrantFor.AGENT, "bob", "ok"))
+    await _store_pass(grants)
     assert await grants.take_once("alice", HOST, PORT, 10.0) is not None
     clock.now += 9.5  # git's POSTs after its GET: the same operation
     again = await grants.take_once("alice", HOST, PORT, 10.0)
