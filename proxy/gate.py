@@ -186,7 +186,13 @@ class Gate:
         if approvals is None:
             return Admission(_deny(Reason.APPROVAL_UNAVAILABLE, "approvals unavailable"))
         settings = self.snapshot.policy.approval
-        one_shot = await approvals.take_one_shot(facts.agent, facts.host.name, facts.port)
+        one_shot = await approvals.take_one_shot(
+            facts.agent,
+            facts.host.name,
+            facts.port,
+            settings,
+            (facts.session, facts.client_address),
+        )
         if one_shot is not None:
             admission = await self._dial_check(facts, _after_approval(one_shot))
             return replace(admission, pending_id=one_shot.pending_id)

@@ -13,6 +13,10 @@ from proxy.policy.model import Action, Scope
 from proxy.records import Grant, GrantFor, PendingItem
 from proxy.store import Store, StoreError
 
+# Who a `once` window belongs to besides the agent: its session and its client's address.
+type Origin = tuple[str | None, str | None]
+type _WindowKey = tuple[str | None, str | None, str | None, str, int]
+
 
 class GrantKeeper:
     """The grants side of approvals, over the store, the local index and the fleet channel."""
@@ -25,8 +29,9 @@ class GrantKeeper:
         self._fleet = fleet
         self._clock = clock
         self._seen: tuple[int, float, str] | None = None  # the store's grants signature
-        # (agent, host, port) -> (until, verdict): once approvals used here, see open_window
-        self._windows: dict[tuple[str | None, str, int], tuple[float, Verdict]] = {}
+        # (agent, session, client address, host, port) -> (until, verdict): once approvals
+        # used here, see open_window
+        self._windows: dict[_WindowKey, tuple[float, Verdict]] = {}
 
     def build(
         self,
@@ -98,12 +103,17 @@ class GrantKeeper:
         self._fleet.publish(FleetMessage(MessageKind.GRANTS_CHANGED))
 
     async def take_once(
-        self, agent: str | None, host: str, port: int, window: float
+        self,
+        agent: str | None,
+        host: str,
+        port: int,
+        window: float,
+        origin: Origin = (None, None),
     ) -> Verdict | None:
         """The `once` approval this request may use: an open window of one (see
         `open_window`), else a pass used up in the store (exactly one request gets each,
         whichever worker or replica it reaches); None when there is neither."""
-        opened = self._windows.get((agent, host, port))
+        opened = self._windows.get((agent, *origin, host, port))
         if opened is not None and opened[0] > self._clock():
             return opened[1]
         pattern = grant_pattern(host, port)
@@ -125,20 +135,27 @@ class GrantKeeper:
             grant.note,
             grant.id,
         )
-        self.open_window(agent, host, port, verdict, window)
+        self.open_window(agent, host, port, verdict, window, origin)
         return verdict
 
     def open_window(
-        self, agent: str | None, host: str, port: int, verdict: Verdict, seconds: float
+        self,
+        agent: str | None,
+        host: str,
+        port: int,
+        verdict: Verdict,
+        seconds: float,
+        origin: Origin = (None, None),
     ) -> None:
-        """A `once` approval was used here: what the same agent sends to the same destination
-        in the next `seconds` belongs to the same client operation (git's smart HTTP makes a
-        GET then POSTs), so it is let through too. Per process; 0 turns windows off."""
+        """A `once` approval was used here: what the same agent session sends from the same
+        client address (`origin`: session, address) to the same destination in the next
+        `seconds` belongs to the same client operation (git's smart HTTP makes a GET then
+        POSTs), so it is let through too. Per process; 0 turns windows off."""
         now = self._clock()
         for key in [k for k, (until, _) in self._windows.items() if until <= now]:
             del self._windows[key]
         if seconds > 0:
-            self._windows[(agent, host, port)] = (now + seconds, verdict)
+            self._windows[(agent, *origin, host, port)] = (now + seconds, verdict)
 
     # -- keeping in step -------------------------------------------------------------------
 

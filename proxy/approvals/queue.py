@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from proxy.approvals.fleet import FleetChannel, FleetMessage, MessageKind
-from proxy.approvals.granting import GrantKeeper
+from proxy.approvals.granting import GrantKeeper, Origin
 from proxy.approvals.model import (
     POLICY_APPROVER,
     ApprovalError,
@@ -139,13 +139,18 @@ class ApprovalQueue:
     # -- reviewers and holding -------------------------------------------------------------
 
     async def take_one_shot(
-        self, agent: str | None, host: str, port: int, settings: ApprovalSettings | None = None
+        self,
+        agent: str | None,
+        host: str,
+        port: int,
+        settings: ApprovalSettings | None = None,
+        origin: Origin = (None, None),
     ) -> Verdict | None:
         """A `once` approval given while nobody waited lets exactly one later request through
         (with what follows it within `approval.once_window`: see `GrantKeeper.open_window`)."""
         if settings is not None:
             self._once_window = settings.once_window
-        return await self._keeper.take_once(agent, host, port, self._once_window)
+        return await self._keeper.take_once(agent, host, port, self._once_window, origin)
 
     async def auto_review(
         self, facts: RequestFacts, policy: EffectivePolicy
@@ -181,7 +186,12 @@ class ApprovalQueue:
                 return HoldResult(item, None, waited.abandoned, waited.draining)
         if _is_once_approval(verdict):
             self._keeper.open_window(
-                facts.agent, facts.host.name, facts.port, verdict, settings.once_window
+                facts.agent,
+                facts.host.name,
+                facts.port,
+                verdict,
+                settings.once_window,
+                (facts.session, facts.client_address),
             )
         return HoldResult(item, verdict)
 

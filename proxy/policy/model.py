@@ -87,9 +87,10 @@ class ApprovalSettings:
     pending_ttl: float = 3600.0  # seconds an unanswered pending item lives
     scopes: frozenset[Scope] = frozenset(Scope)
     session_idle: float = 8 * 3600.0  # a session grant ends this long after it was made
-    # a used `once` approval also admits what the same agent sends to the same host:port
-    # this long after it (one client operation: git's smart HTTP GETs, then POSTs); 0: off
-    once_window: float = 0.0
+    # a used `once` approval also admits what the same agent session sends from the same
+    # client address to the same host:port this long after it (one client operation: git's
+    # smart HTTP GETs, then POSTs); 0: off
+    once_window: float = 10.0
     max_pending: int = 20  # new pending items beyond this per agent: 403 approval_limit
     max_pending_total: int = 1000  # ... and beyond this in all
     # auto-review before humans (proxy/review): the reviewers in order, and what they may grant
@@ -405,7 +406,7 @@ class ApprovalSection(_Section):
     wait: Duration = 30.0
     pending_ttl: Duration = 3600.0
     session_idle: Duration = 8 * 3600.0
-    once_window: Annotated[Duration, Field(le=300.0)] = 0.0  # a once stays about one operation
+    once_window: Annotated[Duration, Field(le=300.0)] = 10.0  # a once is about one operation
     max_pending: Annotated[StrictInt, Field(ge=1, le=100_000)] = 20
     max_pending_total: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 1000
     scopes: list[Scope] = Field(default_factory=lambda: list(Scope), min_length=1)

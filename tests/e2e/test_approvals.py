@@ -41,6 +41,7 @@ network:
 approval:
   wait: {wait}
   pending_ttl: 1h
+  once_window: 0s  # `once` is exactly one request here (the window: test_once_exact.py)
 auth:
   required: false
 """,

@@ -24,7 +24,7 @@ def workers(tmp_path: Path, upstreams: Upstreams) -> Iterator[ProxyProcess]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
-        f"network: {{ports: [{upstreams.http.port}]}}\napproval: {{wait: 2s}}\n"
+        f"network: {{ports: [{upstreams.http.port}]}}\napproval: {{wait: 2s, once_window: 0s}}\n"
     )
     proxy = start_proxy(
         tmp_path / "state",

@@ -71,19 +71,23 @@ async def test_a_pass_admits_one_request_when_there_is_no_window(
     assert await grants.take_once("alice", HOST, PORT, 0.0) is None
 
 
-async def test_a_used_pass_opens_a_window_for_the_same_agent_and_destination(
+async def test_a_used_pass_opens_a_window_for_the_same_agent_session_address_and_destination(
     keeper: tuple[GrantKeeper, Clock],
 ) -> None:
     grants, clock = keeper
     await _store_pass(grants)
-    assert await grants.take_once("alice", HOST, PORT, 10.0) is not None
+    origin = ("s1", "10.0.0.7")
+    assert await grants.take_once("alice", HOST, PORT, 10.0, origin) is not None
     clock.now += 9.5  # git's POSTs after its GET: the same operation
-    again = await grants.take_once("alice", HOST, PORT, 10.0)
+    again = await grants.take_once("alice", HOST, PORT, 10.0, origin)
     assert again is not None and again.pending_id == "p1"
-    assert await grants.take_once("alice", HOST, PORT + 1, 10.0) is None  # another port
-    assert await grants.take_once("mallory", HOST, PORT, 10.0) is None  # another agent
+    assert await grants.take_once("alice", HOST, PORT + 1, 10.0, origin) is None  # another port
+    assert await grants.take_once("mallory", HOST, PORT, 10.0, origin) is None  # another agent
+    # The same agent in another session, or from another address, is another operation.
+    assert await grants.take_once("alice", HOST, PORT, 10.0, ("s2", "10.0.0.7")) is None
+    assert await grants.take_once("alice", HOST, PORT, 10.0, ("s1", "10.0.0.8")) is None
     clock.now += 1.0  # the window has closed
-    assert await grants.take_once("alice", HOST, PORT, 10.0) is None
+    assert await grants.take_once("alice", HOST, PORT, 10.0, origin) is None
 
 
 async def test_released_waiters_open_the_window_and_zero_turns_it_off(
@@ -98,8 +102,9 @@ async def test_released_waiters_open_the_window_and_zero_turns_it_off(
     assert await grants.take_once("alice", HOST, PORT, 0.0) is None
 
 
-def test_once_window_is_off_by_default_and_bounded() -> None:
-    assert ApprovalSection().once_window == 0.0
+def test_once_window_is_ten_seconds_by_default_and_bounded() -> None:
+    assert ApprovalSection().once_window == 10.0
+    assert ApprovalSection(once_window="0s").once_window == 0.0
     assert ApprovalSection(once_window="10s").once_window == 10.0
     with pytest.raises(ValueError):
         ApprovalSection(once_window="1h")
