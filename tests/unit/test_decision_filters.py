@@ -1,5 +1,5 @@
 """`list_decisions` filters by agent, reason and time, the same on SQLite and PostgreSQL (the
-shared `_decisions_query`): what `GET /v1/decisions?agent=&reason=&since=` and
+shared `decisions_query` (proxy/store/sql.py)): what `GET /v1/decisions?agent=&reason=&since=` and
 `egress-warden decisions --agent --reason --since` rely on."""
 
 from __future__ import annotations
