@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.agents import AgentRegistry
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args
 from tests.support.control import TOKEN_ENV, api, approve, deny, wait_pending
 from tests.support.postgres import start_postgres
@@ -421,3 +422,67 @@ def test_a_fleet_notifies_once_per_item(
         finally:
             for proc in replicas:
                 proc.stop()
+
+
+def test_expiry_is_notified_as_resolved_expired(
+    upstreams: Upstreams, receiver: Receiver, tmp_path: Path
+) -> None:
+    policy = _policy(tmp_path / "policy.yaml", upstreams, f"    - url: {receiver.url}/expiry\n")
+    policy.write_text(
+        policy.read_text()
+        .replace("wait: 20s", "wait: 1s")
+        .replace("pending_ttl: 1h", "pending_ttl: 2s")
+    )
+    proxy = start_proxy(tmp_path / "state", [policy], *_args(), env=TOKEN_ENV)
+    try:
+        host = NAMES[9]
+        response = _get(proxy, f"http://{host}:{upstreams.http.port}/late")
+        assert response.headers["x-egress-warden-reason"] == "approval_pending"
+        (held,) = receiver.wait("/expiry", event="held")
+        item_id = held.body["item"]["id"]
+        (expired,) = receiver.wait("/expiry", event="resolved", item__id=item_id, timeout=15)
+        assert expired.body["resolution"]["decision"] == "expired"
+        assert expired.body["resolution"]["by"] is None
+    finally:
+        proxy.stop()
+
+
+def test_an_approval_for_all_tells_of_each_agents_item(
+    upstreams: Upstreams, receiver: Receiver, tmp_path: Path
+) -> None:
+    agents = tmp_path / "agents.yaml"
+    registry = AgentRegistry(agents)
+    tokens = {name: registry.add(name) for name in ("alice", "bob")}
+    policy = _policy(tmp_path / "policy.yaml", upstreams, f"    - url: {receiver.url}/all\n")
+    policy.write_text(policy.read_text().replace("required: false", "required: true"))
+    proxy = start_proxy(
+        tmp_path / "state", [policy], *_args(), "--agents", str(agents), env=TOKEN_ENV
+    )
+    try:
+        url = f"http://{NAMES[10]}:{upstreams.http.port}/both"
+        waiting = []
+        for name, token in tokens.items():
+            out: list[httpx.Response] = []
+
+            def run(name: str = name, token: str = token, out: list[httpx.Response] = out) -> None:
+                target = httpx.Proxy(proxy.url, auth=(name, token))
+                with httpx.Client(proxy=target, trust_env=False, timeout=40) as client:
+                    out.append(client.get(url))
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            waiting.append((thread, out))
+            wait_pending(proxy, NAMES[10], agent=name)
+        held = receiver.wait("/all", count=2, event="held")
+        assert {p.body["item"]["agent"] for p in held} == {"alice", "bob"}
+        alice = next(p.body["item"]["id"] for p in held if p.body["item"]["agent"] == "alice")
+        approve(proxy, alice, grant_for="all")
+        for thread, out in waiting:
+            thread.join(30)
+            assert out and out[0].status_code == 200
+        resolved = receiver.wait("/all", count=2, event="resolved")
+        assert {p.body["item"]["agent"] for p in resolved} == {"alice", "bob"}
+        assert {p.body["resolution"]["for"] for p in resolved} == {"all"}
+        assert all(p.body["resolution"]["released"] == 1 for p in resolved)
+    finally:
+        proxy.stop()
