@@ -310,7 +310,9 @@ class Service:
         # Webhooks read the targets in force on every event (a reload changes them); console
         # links default to the control listener's own address.
         self.notifier = Notifier(
-            lambda: self.gate.snapshot.policy.approval, console_address(self.control_sock)
+            lambda: self.gate.snapshot.policy.approval,
+            console_address(self.control_sock),
+            report=self.telemetry.emit,
         )
         self.approvals = ApprovalQueue(
             self.store, self.grants, self.telemetry, self.bus, notifier=self.notifier

@@ -31,6 +31,7 @@ from proxy.approvals.model import Verdict
 from proxy.approvals.present import review_json
 from proxy.policy.model import ApprovalSettings, NotifyOn, NotifyTargetSection
 from proxy.records import PendingItem
+from proxy.telemetry.events import NotificationEvent
 
 log = structlog.get_logger("egress-warden")
 
@@ -244,35 +245,6 @@ def retryable(status: int) -> bool:
 
 
 # -- telemetry -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class NotificationEvent:
-    """`egress.notify`: one notification sent, given up on, or dropped (queue full)."""
-
-    outcome: str  # sent | failed | dropped
-    event: str  # held | resolved
-    pending_id: str
-    target: str  # the target's origin only: a webhook URL's path may be its secret
-    attempts: int = 0
-    status: int | None = None
-    error: str | None = None
-
-    name = "egress.notify"
-
-    def attributes(self) -> dict[str, Any]:
-        attrs: dict[str, Any] = {
-            "egress.notify.outcome": self.outcome,
-            "egress.notify.event": self.event,
-            "egress.approval.id": self.pending_id,
-            "egress.notify.target": self.target,
-            "egress.notify.attempts": self.attempts,
-        }
-        if self.status is not None:
-            attrs["http.response.status_code"] = self.status
-        if self.error is not None:
-            attrs["error.message"] = self.error
-        return attrs
 
 
 def log_notification(event: NotificationEvent) -> None:

@@ -102,6 +102,11 @@ def apply_requirements(
         approval = replace(approval, scopes=kept)
     if "approval" in given and "auto" in spec.approval.model_fields_set:
         approval = replace(approval, auto=_cap_auto(approval.auto, spec.approval.auto, warnings))
+    # Webhooks the admins set up in the requirements always fire, besides the policy's own.
+    if "approval" in given and "notify" in spec.approval.model_fields_set:
+        approval = replace(approval, notify=(*spec.approval.notify, *approval.notify))
+    if "approval" in given and "console_url" in spec.approval.model_fields_set:
+        approval = replace(approval, console_url=spec.approval.console_url)
 
     ports, block_private = policy.ports, policy.block_private
     if "network" in given:

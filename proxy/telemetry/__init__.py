@@ -4,6 +4,7 @@ from proxy.telemetry.events import (
     ApprovalEvent,
     ConnectionCloseEvent,
     DecisionEvent,
+    NotificationEvent,
     PolicyEvent,
 )
 from proxy.telemetry.hub import Event, Sink, Telemetry
@@ -13,6 +14,7 @@ __all__ = [
     "ConnectionCloseEvent",
     "DecisionEvent",
     "Event",
+    "NotificationEvent",
     "PolicyEvent",
     "Sink",
     "Telemetry",

@@ -156,3 +156,32 @@ class ConnectionCloseEvent:
         if self.session is not None:
             attrs["session.id"] = self.session
         return attrs
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationEvent:
+    """`egress.notify`: one notification sent, given up on, or dropped (queue full)."""
+
+    outcome: str  # sent | failed | dropped
+    event: str  # held | resolved
+    pending_id: str
+    target: str  # the target's origin only: a webhook URL's path may be its secret
+    attempts: int = 0
+    status: int | None = None
+    error: str | None = None
+
+    name = "egress.notify"
+
+    def attributes(self) -> Attributes:
+        attrs: Attributes = {
+            "egress.notify.outcome": self.outcome,
+            "egress.notify.event": self.event,
+            "egress.approval.id": self.pending_id,
+            "egress.notify.target": self.target,
+            "egress.notify.attempts": self.attempts,
+        }
+        if self.status is not None:
+            attrs["http.response.status_code"] = self.status
+        if self.error is not None:
+            attrs["error.message"] = self.error
+        return attrs

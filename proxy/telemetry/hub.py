@@ -16,10 +16,11 @@ from proxy.telemetry.events import (
     Attributes,
     ConnectionCloseEvent,
     DecisionEvent,
+    NotificationEvent,
     PolicyEvent,
 )
 
-Event = DecisionEvent | PolicyEvent | ApprovalEvent | ConnectionCloseEvent
+Event = DecisionEvent | PolicyEvent | ApprovalEvent | ConnectionCloseEvent | NotificationEvent
 
 
 class Sink(Protocol):
@@ -39,6 +40,8 @@ def severity_of(event: Event) -> str:
             return "warning" if event.state in ("denied", "expired") else "info"
         case ConnectionCloseEvent():
             return "info"
+        case NotificationEvent():
+            return "info" if event.outcome == "sent" else "warning"
 
 
 class _BackgroundWriter:

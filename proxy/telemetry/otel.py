@@ -29,6 +29,7 @@ from proxy.telemetry.events import (
     Attributes,
     ConnectionCloseEvent,
     DecisionEvent,
+    NotificationEvent,
 )
 from proxy.telemetry.hub import Event
 
@@ -319,6 +320,11 @@ class OtelSink:
             self._bytes = meter.create_counter(
                 "egress.bytes", unit="By", description="Bytes relayed through admitted connections"
             )
+            self._notifications = meter.create_counter(
+                "egress.notifications",
+                unit="{notification}",
+                description="Approval webhooks sent, given up on, or dropped",
+            )
             self._approval_wait = meter.create_histogram(
                 "egress.approval.wait",
                 unit="ms",
@@ -425,6 +431,14 @@ class OtelSink:
                     {
                         "egress.approval.state": event.state,
                         "egress.approval.reviewer": event.reviewer or "unknown",
+                    },
+                )
+            case NotificationEvent():
+                self._notifications.add(
+                    1,
+                    {
+                        "egress.notify.outcome": event.outcome,
+                        "egress.notify.event": event.event,
                     },
                 )
             case ConnectionCloseEvent():

@@ -486,3 +486,49 @@ def test_an_approval_for_all_tells_of_each_agents_item(
         assert all(p.body["resolution"]["released"] == 1 for p in resolved)
     finally:
         proxy.stop()
+
+
+def test_requirements_targets_fire_and_outcomes_are_telemetry(
+    upstreams: Upstreams, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Webhooks in the admins' requirements file fire although the policy names none, and
+    each delivery is an `egress.notify` telemetry record (sent, with the target's origin)."""
+    policy = tmp_path / "policy.yaml"
+    ports = sorted({80, 443, upstreams.http.port})
+    policy.write_text(
+        f"version: 1\ndefault: ask\nallow: [allowed.test, {ALLOWED_IP}/32]\n"
+        f"network: {{ports: {ports}}}\nauth: {{required: false}}\n"
+        "approval: {wait: 20s, pending_ttl: 1h}\n"
+    )
+    requirements = tmp_path / "requirements.yaml"
+    requirements.write_text(
+        f"version: 1\napproval:\n  notify:\n    - url: {receiver.url}/required/x\n"
+    )
+    proc = start_proxy(
+        tmp_path / "state", [policy], "--requirements", str(requirements), *_args(), env=TOKEN_ENV
+    )
+    try:
+        host = NAMES[11]
+        thread, out = _background(proc, f"http://{host}:{upstreams.http.port}/req")
+        item = wait_pending(proc, host)
+        receiver.wait("/required/x", event="held", item__id=item["id"])
+        approve(proc, item["id"])
+        thread.join(30)
+        receiver.wait("/required/x", event="resolved", item__id=item["id"])
+        deadline = time.monotonic() + 5
+        sent: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and len(sent) < 2:
+            sent = [
+                line
+                for line in list(proc.lines)
+                if line.get("event") == "egress.notify"
+                and line.get("egress.approval.id") == item["id"]
+                and line.get("egress.notify.outcome") == "sent"
+            ]
+            time.sleep(0.05)
+        assert {line["egress.notify.event"] for line in sent} == {"held", "resolved"}
+        assert all(line["egress.notify.target"] == receiver.url for line in sent)  # no path
+    finally:
+        proc.stop()
+    response = out[0]
+    assert isinstance(response, httpx.Response) and response.status_code == 200

@@ -18,6 +18,7 @@ from proxy.telemetry.events import (
     ApprovalEvent,
     ConnectionCloseEvent,
     DecisionEvent,
+    NotificationEvent,
     PolicyEvent,
 )
 from proxy.telemetry.hub import Telemetry
@@ -157,6 +158,30 @@ def test_events_and_metrics_arrive(receiver: tuple[Receiver, str]) -> None:
         assert ({}, 3) in r.sum_points("egress.pending")
         assert any(v == 4200 for _, v in r.sum_points("egress.approval.wait"))
         assert sink.exported_ok >= 4 and sink.dropped == 0
+    finally:
+        assert sink.shutdown(5)
+
+
+def test_notification_outcomes_are_records_and_counted(grpc_receiver: GrpcReceiver) -> None:
+    sink = make_sink(otlp_env(grpc_receiver, "grpc"))
+    telemetry = Telemetry([sink])
+    sent = NotificationEvent("sent", "held", "p1", "https://hooks.example", attempts=2, status=200)
+    dropped = NotificationEvent("dropped", "held", "p2", "https://hooks.example", error="full")
+    telemetry.emit(sent)
+    telemetry.emit(dropped)
+    try:
+        assert wait_for(lambda: len(by_name(grpc_receiver, "egress.notify")) >= 2)
+        records = {
+            r["attributes"]["egress.notify.outcome"]: r
+            for r in by_name(grpc_receiver, "egress.notify")
+        }
+        assert records["sent"]["severity_text"] == "INFO"
+        assert records["sent"]["attributes"]["http.response.status_code"] == 200
+        assert records["dropped"]["severity_text"] == "WARN"
+        assert wait_for(lambda: "egress.notifications" in grpc_receiver.metric_names())
+        points = grpc_receiver.sum_points("egress.notifications")
+        assert ({"egress.notify.outcome": "sent", "egress.notify.event": "held"}, 1) in points
+        assert ({"egress.notify.outcome": "dropped", "egress.notify.event": "held"}, 1) in points
     finally:
         assert sink.shutdown(5)
 
