@@ -11,6 +11,9 @@ from proxy.policy.model import EffectivePolicy
 
 
 async def _serve(cfg: RunConfig, policy: EffectivePolicy, warnings: list[str]) -> int:
+    from addons.lean import lean_mitmproxy_addons
+
+    lean_mitmproxy_addons()  # before mitmproxy's addons package is first imported
     from addons.runtime import serve  # mitmproxy is imported only by the command that runs it
 
     return await serve(cfg, policy, warnings)

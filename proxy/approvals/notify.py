@@ -22,9 +22,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import structlog
 
 from proxy.approvals.model import Verdict
@@ -32,6 +31,9 @@ from proxy.approvals.present import review_json
 from proxy.policy.model import ApprovalSettings, NotifyOn, NotifyTargetSection
 from proxy.records import PendingItem
 from proxy.telemetry.events import NotificationEvent
+
+if TYPE_CHECKING:  # httpx is imported when a webhook is configured (a lighter start without)
+    import httpx
 
 log = structlog.get_logger("egress-warden")
 
@@ -77,6 +79,8 @@ def console_link(base: str | None, item_id: str) -> str | None:
     """The console's address for one item: `<base>/#pending/<id>` (the console selects it)."""
     if not base:
         return None
+    import httpx
+
     parts = httpx.URL(base)
     path = parts.path or "/"
     return str(parts.copy_with(path=path, fragment=f"pending/{item_id}"))
@@ -272,6 +276,8 @@ class _Target:
         environ: Mapping[str, str],
         transport: httpx.AsyncBaseTransport | None,
     ) -> None:
+        import httpx
+
         self.section = section
         self.problem: str | None = None
         self.url = _from_env(section.url, environ)
@@ -462,6 +468,8 @@ class Notifier:
 
     async def _deliver(self, target: _Target, job: _Job) -> NotificationEvent:
         """Try up to `attempts` times; 2xx is done, a final 4xx gives up at once."""
+        import httpx
+
         s = target.section
 
         def result(

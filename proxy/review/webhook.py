@@ -7,13 +7,15 @@ The answer must be `{"outcome": "approve"|"deny"|"escalate", "rationale": "...",
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from proxy.policy.model import Scope, WebhookReviewerSection
 from proxy.review.chain import Review, ReviewOutcome, ReviewRequest
+
+if TYPE_CHECKING:  # imported when a webhook reviewer is configured (a lighter start without)
+    import httpx
 
 RATIONALE_LIMIT = 1000  # characters of a remote rationale that are kept
 ANSWER_LIMIT = 64 * 1024  # bytes of an answer that are read
@@ -50,6 +52,8 @@ class WebhookReviewer:
         self._transport = transport
 
     async def review(self, request: ReviewRequest) -> Review:
+        import httpx
+
         s = self.settings
         try:
             # trust_env=False: the review service is reached directly, never through a proxy

@@ -1,6 +1,7 @@
 """A default start stays light: the real proxy, started with the default policy and no OTLP
 endpoint, never imports the optional heavy parts (OTLP exporters and gRPC, the OTel SDK,
-asyncpg, openai, detect-secrets, the confusables tables). Read from the process itself with
+asyncpg, openai, detect-secrets, the confusables tables, mitmproxy's unused default addons, the
+webhook client). Read from the process itself with
 Python's import profiler (PYTHONPROFILEIMPORTTIME), which names every module it imports."""
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ OPTIONAL = (
     "openai",
     "detect_secrets",
     "confusable_homoglyphs",
+    # mitmproxy's default addons the engine does not use (addons/lean.py), and the webhook
+    # client (only with `approval.notify`)
+    "mitmproxy.addons.onboardingapp",
+    "mitmproxy.addons.proxyauth",
+    "flask",
+    "ldap3",
+    "httpx",
 )
 NO_OTLP = {
     name: ""  # empty counts as unset for egress-warden and the SDK
