@@ -42,9 +42,10 @@ from proxy.grants import GrantIndex
 from proxy.hosts import IPAddress
 from proxy.netguard import Listener, NetGuard
 from proxy.policy.load import PolicyErrors
-from proxy.policy.model import EffectivePolicy
+from proxy.policy.model import EffectivePolicy, ScanMode
 from proxy.policy.requirements import load_effective
 from proxy.resolve import Resolver
+from proxy.secrets.detect import detectors
 from proxy.statedir import make_private_dir, secure_state_dir
 from proxy.store import Store, StoreError, open_store
 from proxy.telemetry import PolicyEvent, Telemetry
@@ -219,12 +220,20 @@ class PolicyReloader:
             # A big policy is long-lived: keep the cyclic GC from re-scanning it (pauses).
             gc.freeze()
             self.announce(warnings)
+        await warm_scanner(policy)
         await self._gate.reevaluate_pending()
         return ReloadResult(True, files, warnings)
 
     async def on_files_changed(self, changed: list[Path]) -> None:
         log.info("egress.policy.watch", changed=[str(p) for p in changed])
         await self.reload()
+
+
+async def warm_scanner(policy: EffectivePolicy) -> None:
+    """Build the credential scanner (importing detect-secrets, about 60 ms) off the event loop
+    as soon as a policy inspects with scanning on, not at its first inspected request."""
+    if any(rule.scan is not ScanMode.OFF for rule in policy.inspect):
+        await asyncio.to_thread(detectors)
 
 
 def _check_url(url: str) -> tuple[str, str]:
@@ -332,6 +341,7 @@ class Service:
             self.gate.snapshot, policy=self.reloader.effective(policy, warnings)
         )
         self.reloader.announce(warnings)
+        await warm_scanner(policy)
         try:
             self.restored = await self.approvals.start()
         except StoreError as exc:

@@ -11,8 +11,9 @@ out for itself.
 A hit is a credential only where it does not belong: a vendor token to that vendor's hosts, or
 a brokered secret's value to its owner hosts, passes.
 
-`detect-secrets` (and the `requests` stack it pulls in) is imported at the first scan, not at
-start: only inspected hosts are scanned, and most proxies inspect none (~60 ms, several MiB).
+`detect-secrets` (and the `requests` stack it pulls in) is imported only by a policy that scans
+(the service builds the detectors off the event loop when such a policy is loaded): only
+inspected hosts are scanned, and most proxies inspect none (~60 ms, several MiB).
 """
 
 from __future__ import annotations

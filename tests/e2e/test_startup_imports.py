@@ -58,10 +58,10 @@ def _imported(proc: ProxyProcess) -> set[str]:
     return names
 
 
-def _started_modules(tmp: Path, **env: str) -> set[str]:
+def _started_modules(tmp: Path, policy: Path | None = None, **env: str) -> set[str]:
     proc = start_proxy(
         tmp / "state",
-        [REPO / "policies" / "default.yaml"],
+        [policy or REPO / "policies" / "default.yaml"],
         env={**NO_OTLP, "PYTHONPROFILEIMPORTTIME": "1", **env},
     )
     try:
@@ -94,3 +94,12 @@ def test_otlp_endpoint_loads_the_sdk_and_exporter(tmp_path: Path) -> None:
     assert _loaded(modules, "grpc")
     assert _loaded(modules, "opentelemetry.sdk")
     assert "proxy.telemetry.otel_export" in modules
+
+
+def test_a_scanning_policy_builds_the_scanner_at_start(tmp_path: Path) -> None:
+    """An inspected host with scanning: detect-secrets is loaded when the policy is (off the
+    event loop), not by the first inspected request."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nallow: [docs.test]\ninspect:\n  - host: docs.test\n")
+    modules = _started_modules(tmp_path, policy)
+    assert _loaded(modules, "detect_secrets")
