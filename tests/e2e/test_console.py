@@ -4,7 +4,6 @@ Python package with `executable_path`; no browser download) against the real pro
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -22,16 +21,13 @@ from proxy.admins import AdminRegistry, admins_path
 from proxy.agents import AgentRegistry
 from proxy.control.access import Role
 from tests.conftest import ALLOWED_IP, Upstreams, resolve_args, write_policy
+from tests.support.browser import chromium
 from tests.support.control import TOKEN, TOKEN_ENV, api, wait_pending
 from tests.support.proxy import REPO, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = next(
-    (p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None
-)
-if CHROMIUM is None:  # a missing browser fails the run (CI installs it), never skips
-    pytest.fail("Debian's chromium is not installed (apt-get install chromium)", pytrace=False)
+CHROMIUM = chromium()
 
 expect = playwright_api.expect
 NAMES = [f"c{i}.console.test" for i in range(10)]

@@ -3,9 +3,7 @@ proxy, real webhook receiver): the approver follows the link, signs in and decid
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,16 +12,13 @@ import pytest
 
 from tests.conftest import Upstreams
 from tests.e2e.test_notify import NAMES, Receiver, _args, _background, _policy, start_receiver
+from tests.support.browser import chromium
 from tests.support.control import TOKEN, TOKEN_ENV, wait_pending
 from tests.support.proxy import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = next(
-    (p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None
-)
-if CHROMIUM is None:  # a missing browser fails the run (CI installs it), never skips
-    pytest.fail("Debian's chromium is not installed (apt-get install chromium)", pytrace=False)
+CHROMIUM = chromium()
 
 expect = playwright_api.expect
 
