@@ -168,6 +168,35 @@ def _identity(request: http.Request) -> Identity | None:
     return parse_proxy_authorization(request.headers.get("proxy-authorization"))
 
 
+def _tunnel_facts(
+    caller: Caller,
+    raw_host: str,
+    port: int,
+    transport: Transport,
+    client: connection.Client,
+    *,
+    traceparent: str | None = None,
+    justification: str | None = None,
+) -> RequestFacts:
+    """The facts of a tunnel request (an HTTP CONNECT or a SOCKS5 CONNECT) by `caller`."""
+    return RequestFacts(
+        request_id=_new_request_id(),
+        raw_host=raw_host,
+        host=_host_or_none(raw_host),
+        port=port,
+        transport=transport,
+        method="CONNECT",
+        scheme="socks5" if transport is Transport.SOCKS5 else "https",
+        agent=caller.agent,
+        session=caller.session,
+        invalid=Reason.AUTH_REQUIRED if caller.failure else None,
+        invalid_detail=caller.failure or "",
+        client_address=_client_address(client),
+        traceparent=traceparent,
+        justification=justification,
+    )
+
+
 def _client_gone(client: connection.Client) -> Callable[[], bool]:
     # mitmproxy keeps reading while a hook waits: a closed client clears CAN_READ.
     return lambda: not (client.state & connection.ConnectionState.CAN_READ)
@@ -301,19 +330,12 @@ class EgressWarden:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         caller = self.gate.identify(_identity(request))
-        facts = RequestFacts(
-            request_id=_new_request_id(),
-            raw_host=request.host,
-            host=_host_or_none(request.host),
-            port=request.port,
-            transport=Transport.HTTPS_CONNECT,
-            method="CONNECT",
-            scheme="https",
-            agent=caller.agent,
-            session=caller.session,
-            invalid=Reason.AUTH_REQUIRED if caller.failure else None,
-            invalid_detail=caller.failure or "",
-            client_address=_client_address(flow.client_conn),
+        facts = _tunnel_facts(
+            caller,
+            request.host,
+            request.port,
+            Transport.HTTPS_CONNECT,
+            flow.client_conn,
             traceparent=request.headers.get("traceparent"),
             justification=request.headers.get(JUSTIFICATION_HEADER),
         )
@@ -498,20 +520,7 @@ class EgressWarden:
         gate only once admitted; an IP literal (the client resolved it) is checked as such.
         Admitted, it is a tunnel like any other: pinned, SNI-checked, metered, re-checked."""
         caller = self._socks_callers.get(data.client) or self.gate.identify(None)
-        facts = RequestFacts(
-            request_id=_new_request_id(),
-            raw_host=data.host,
-            host=_host_or_none(data.host),
-            port=data.port,
-            transport=Transport.SOCKS5,
-            method="CONNECT",
-            scheme="socks5",
-            agent=caller.agent,
-            session=caller.session,
-            invalid=Reason.AUTH_REQUIRED if caller.failure else None,
-            invalid_detail=caller.failure or "",
-            client_address=_client_address(data.client),
-        )
+        facts = _tunnel_facts(caller, data.host, data.port, Transport.SOCKS5, data.client)
         admission = await self.gate.admit(facts, _client_gone(data.client))
         if not admission.allowed:
             return
