@@ -190,6 +190,12 @@ class Relay:
         for way in self._ways:
             self._flush(way)
 
+    def inject(self, from_client: bool, data: bytes) -> None:
+        """Bytes mitmproxy read from one side after the handover: written before more is read."""
+        way = self._ways[0 if from_client else 1]
+        way.pending += data
+        self._flush(way)
+
     def abort(self) -> None:
         """Stop at once: both peers see the connection end; `on_end` is not called."""
         self._finish(notify=False, hard=True)
@@ -393,8 +399,11 @@ class RelayedTunnel(MeteredTunnel):
             return
         from_client = event.connection is self.context.client
         if isinstance(event, events.DataReceived):
-            # Only before the relay starts: it starts once mitmproxy reads nothing more.
-            self._pending[0 if from_client else 1].append(event.data)
+            if self._relay is not None:  # mitmproxy read it after all (a server that speaks
+                # first, e.g. SSH): the relay writes it before anything it reads itself
+                self._relay.inject(from_client, event.data)
+            else:
+                self._pending[0 if from_client else 1].append(event.data)
             return
         # A peer's FIN before the handover needs nothing: the relay reads it again itself.
         if event.connection.state is not ConnectionState.CLOSED:

@@ -411,8 +411,10 @@ def test_concurrent_requests_share_one_review(
 ) -> None:
     before = sum(1 for r in webhook.received if r["body"]["review"]["host"] == "other.unknown.test")
     results: list[int] = []
+    start = threading.Barrier(3)  # all three in flight together, also on a busy machine
 
     def one() -> None:
+        start.wait(10)
         results.append(_get(reviewed, _url(upstreams, "other.unknown.test")).status_code)
 
     threads = [threading.Thread(target=one) for _ in range(3)]
