@@ -33,7 +33,9 @@ def proxy_from_environment(env: Mapping[str, str]) -> str:
     raise ConnectError("no proxy: set HTTPS_PROXY (egress-warden env prints it)")
 
 
-def open_tunnel(proxy: str, host: str, port: int, timeout: float = 30.0) -> socket.socket:
+def open_tunnel(
+    proxy: str, host: str, port: int, timeout: float = 30.0
+) -> tuple[socket.socket, bytes]:
     """A socket through which bytes reach host:port, opened with CONNECT through `proxy`."""
     parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
     if parts.scheme != "http" or not parts.hostname:
@@ -65,14 +67,20 @@ def open_tunnel(proxy: str, host: str, port: int, timeout: float = 30.0) -> sock
             suffix = f" ({reason})" if reason else ""
             raise ConnectError(f"{target}: {status_line}{suffix}")
         sock.settimeout(None)
-        return sock
+        # What came after the proxy's answer is the destination's already (SSH's server speaks
+        # first: its banner may share a read with the 200).
+        return sock, answer.partition(b"\r\n\r\n")[2]
     except BaseException:
         sock.close()
         raise
 
 
-def relay(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Copy stdin to the tunnel and the tunnel to stdout until both sides are done."""
+def relay(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO, first: bytes = b"") -> None:
+    """Copy stdin to the tunnel and the tunnel to stdout (after `first`, the destination's
+    bytes read with the proxy's answer) until both sides are done."""
+    if first:
+        stdout.write(first)
+        stdout.flush()
 
     def upstream() -> None:
         with contextlib.suppress(OSError):
@@ -92,10 +100,10 @@ def relay(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
 def main(host: str, port: int, proxy: str | None = None) -> int:
     """Run as a ProxyCommand: 0 when the tunnel ran, 1 when it could not be opened."""
     try:
-        sock = open_tunnel(proxy or proxy_from_environment(os.environ), host, port)
+        sock, first = open_tunnel(proxy or proxy_from_environment(os.environ), host, port)
     except (ConnectError, OSError) as exc:
         print(f"egress-warden connect: {exc}", file=sys.stderr)
         return 1
     with sock:
-        relay(sock, sys.stdin.buffer, sys.stdout.buffer)
+        relay(sock, sys.stdin.buffer, sys.stdout.buffer, first)
     return 0
