@@ -200,6 +200,19 @@ def _recv_all(sock: socket.socket, digest: Any | None = None) -> tuple[bytes, in
     return bytes(kept), count
 
 
+def _sink(sock: socket.socket, size: int) -> tuple[int, bytes]:
+    """Upload `size` pattern bytes to the SINK upstream through `sock`, half-close, and read
+    its answer; returns the bytes sent (header included) and the answer, checked."""
+    header = b"SINK\n"
+    sock.sendall(header)
+    for chunk in _pattern(size):
+        sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    answer, _ = _recv_all(sock)
+    assert answer == f"{_pattern_digest(size)} {size}\n".encode()
+    return len(header) + size, answer
+
+
 SIZES = [0, 1, 64 * 1024, MiB, 200 * MiB]
 
 
@@ -208,16 +221,10 @@ def test_upload_arrives_byte_exact_and_is_counted(
     relay_proxy: ProxyProcess, upstream: Upstream, size: int
 ) -> None:
     before = len(_closes(relay_proxy))
-    header = b"SINK\n"
     with open_tunnel(relay_proxy.proxy_port, _target(upstream), timeout=30) as sock:
-        sock.sendall(header)
-        for chunk in _pattern(size):
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        answer, _ = _recv_all(sock)
-    assert answer == f"{_pattern_digest(size)} {size}\n".encode()
+        sent, answer = _sink(sock, size)
     (line,) = _new_closes(relay_proxy, before)
-    assert _counts(line) == (len(header) + size, len(answer))
+    assert _counts(line) == (sent, len(answer))
     assert line["network.transport.protocol"] == "https_connect"
 
 
@@ -379,15 +386,9 @@ def test_socks5_tunnels_are_relayed_byte_exact_and_counted(
             b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack("!H", upstream.port)
         )
         assert sock.recv(10)[:2] == b"\x05\x00"
-        header, size = b"SINK\n", 3 * MiB + 5
-        sock.sendall(header)
-        for chunk in _pattern(size):
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        answer, _ = _recv_all(sock)
-    assert answer == f"{_pattern_digest(size)} {size}\n".encode()
+        sent, answer = _sink(sock, 3 * MiB + 5)
     (line,) = _new_closes(relay_proxy, before)
-    assert _counts(line) == (len(header) + size, len(answer))
+    assert _counts(line) == (sent, len(answer))
     assert line["network.transport.protocol"] == "socks5"
 
 
