@@ -72,7 +72,6 @@ class ApprovalQueue:
         self._waiters = Waiters()
         self._keeper = GrantKeeper(store, grants, self._fleet, clock)
         self._tier = ReviewTier(store, self._keeper, telemetry, clock)
-        self._once_window = ApprovalSettings().once_window  # the policy's, as last seen
 
     @property
     def reviewer(self) -> AutoReviewer:
@@ -143,14 +142,12 @@ class ApprovalQueue:
         agent: str | None,
         host: str,
         port: int,
-        settings: ApprovalSettings | None = None,
+        settings: ApprovalSettings,
         origin: Origin = (None, None),
     ) -> Verdict | None:
         """A `once` approval given while nobody waited lets exactly one later request through
         (with what follows it within `approval.once_window`: see `GrantKeeper.open_window`)."""
-        if settings is not None:
-            self._once_window = settings.once_window
-        return await self._keeper.take_once(agent, host, port, self._once_window, origin)
+        return await self._keeper.take_once(agent, host, port, settings.once_window, origin)
 
     async def auto_review(
         self, facts: RequestFacts, policy: EffectivePolicy
@@ -172,7 +169,6 @@ class ApprovalQueue:
         Raises StoreError when the shared queue cannot be reached (nothing new is held then).
         """
         assert facts.host is not None
-        self._once_window = settings.once_window
         item = await self._join(facts, settings, review)
         if on_held is not None:
             on_held(item)
